@@ -1,0 +1,440 @@
+"""TOML configuration decoded into frozen, typed, validated objects."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+from msgspec import Meta
+
+from .points import PIN_TYPE_NAMES, PinType, parse_pin_name
+
+T = TypeVar("T")
+
+CONFIG_ENV = "EDGEFORWARD_CONFIG"
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+DEFAULT_SERVER = "https://blynk.cloud"
+DEFAULT_BUFFER_PATH = "/var/lib/edgeforward/buffer.db"
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0)]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config table: immutable, unknown keys refused."""
+
+
+class Limits(_Table):
+    """Plan limits of the Blynk device API (defaults: the free plan)."""
+
+    points_per_day: NonNegativeInt = 10_000
+    messages_per_month: NonNegativeInt = 100_000
+    batch_max_points: PositiveInt = 10_000
+    max_request_bytes: Annotated[int, Meta(ge=1024)] = 2_000_000
+    requests_per_second: PositiveFloat = 50.0
+    max_age_days: PositiveFloat = 30.0
+    max_future_days: PositiveFloat = 30.0
+
+
+class CloudConfig(_Table):
+    """Where the cloud is and how long to wait for it."""
+
+    server: str = DEFAULT_SERVER
+    ca_file: str | None = None
+    timeout_s: PositiveFloat = 30.0
+    limits: Limits = Limits()
+
+
+class BufferConfig(_Table):
+    """The SQLite buffer file and its cap."""
+
+    path: str = DEFAULT_BUFFER_PATH
+    max_points: PositiveInt = 10_000_000
+    full_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    synchronous: Literal["FULL", "NORMAL", "full", "normal"] = "FULL"
+    commit_interval_ms: Annotated[float, Meta(ge=0, le=1000)] = 5.0
+
+
+class ForwardConfig(_Table):
+    """How often each path to the cloud runs."""
+
+    live_interval_s: NonNegativeFloat = 10.0
+    history_interval_s: PositiveFloat = 10.0
+
+
+class NmeaPins(_Table):
+    """Pins that NMEA fixes are written to."""
+
+    location: str | None = None
+    altitude_m: str | None = None
+    speed_kmh: str | None = None
+    satellites: str | None = None
+
+
+class PortConfig(_Table):
+    """One serial port (a device path or a pyserial URL)."""
+
+    path: str
+    baud: PositiveInt = 115_200
+    format: Literal["kv", "json", "csv", "nmea"] = "kv"
+    device: str | None = None
+    ack: bool = False
+    max_line_bytes: Annotated[int, Meta(ge=16, le=1_048_576)] = 4096
+    columns: list[str] | None = None
+    header: bool = False
+    nmea: NmeaPins | None = None
+
+
+class PinSpec(_Table):
+    """Type and range of one virtual pin."""
+
+    type: PinType
+    min: float | None = None
+    max: float | None = None
+
+
+class _DeviceTable(_Table):
+    name: Annotated[str, Meta(min_length=1)]
+    token: str | None = None
+    token_file: str | None = None
+    token_env: str | None = None
+    token_credential: str | None = None
+    pins: dict[str, Any] = {}
+
+
+class MetricsConfig(_Table):
+    """Prometheus metrics and health endpoint (off unless `listen` is set)."""
+
+    listen: str | None = None
+
+
+class LogConfig(_Table):
+    """Logging level and rendering."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A Blynk device: its name, resolved token and declared pins."""
+
+    name: str
+    token: str = field(repr=False)
+    pins: Mapping[int, PinSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: Path
+    cloud: CloudConfig
+    buffer: BufferConfig
+    forward: ForwardConfig
+    ports: tuple[PortConfig, ...]
+    devices: tuple[Device, ...]
+    metrics: MetricsConfig
+    log: LogConfig
+
+    def device(self, name: str) -> Device | None:
+        """Return the device called `name`, if configured."""
+        for device in self.devices:
+            if device.name == name:
+                return device
+        return None
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Every device token (for log redaction)."""
+        return tuple(device.token for device in self.devices)
+
+
+_TOP_LEVEL = {
+    "cloud": CloudConfig,
+    "buffer": BufferConfig,
+    "forward": ForwardConfig,
+    "metrics": MetricsConfig,
+    "log": LogConfig,
+}
+_AT_PATH = re.compile(r"^(?P<msg>.*?) - at `\$(?P<path>[^`]*)`$")
+
+
+def config_path(cli_value: str | None) -> Path:
+    """Return the config path from the command line or EDGEFORWARD_CONFIG."""
+    value = cli_value or os.environ.get(CONFIG_ENV)
+    if not value:
+        raise ConfigError([f"config: no --config given and {CONFIG_ENV} is not set"])
+    return Path(value)
+
+
+def load_config(path: Path) -> Config:
+    """Read, decode and validate a config file; raise ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"config: cannot read {path}: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config: {path} is not UTF-8: {exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config: {path} is not valid TOML: {exc}"]) from exc
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document."""
+    problems: list[str] = []
+    base = path.resolve().parent
+    for key in raw:
+        if key not in _TOP_LEVEL and key not in ("port", "device"):
+            problems.append(f"{key}: unknown key")
+
+    tables: dict[str, Any] = {}
+    for key, table_type in _TOP_LEVEL.items():
+        tables[key] = _convert(raw.get(key, {}), table_type, key, problems) or table_type()
+    cloud: CloudConfig = tables["cloud"]
+    buffer: BufferConfig = tables["buffer"]
+    _check_server(cloud.server, problems)
+    if cloud.ca_file is not None:
+        ca_path = _resolve(base, cloud.ca_file)
+        if not ca_path.is_file():
+            problems.append(f"cloud.ca_file: no such file {ca_path}")
+        cloud = msgspec.structs.replace(cloud, ca_file=str(ca_path))
+    buffer = msgspec.structs.replace(
+        buffer, path=str(_resolve(base, buffer.path)), synchronous=buffer.synchronous.upper()
+    )
+    metrics: MetricsConfig = tables["metrics"]
+    if metrics.listen is not None and _split_listen(metrics.listen) is None:
+        problems.append(f'metrics.listen: expected "HOST:PORT", got "{metrics.listen}"')
+
+    devices = _parse_devices(_array(raw, "device", problems), base, problems)
+    ports = _parse_ports(_array(raw, "port", problems), devices, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        path=path,
+        cloud=cloud,
+        buffer=buffer,
+        forward=tables["forward"],
+        ports=ports,
+        devices=devices,
+        metrics=metrics,
+        log=tables["log"],
+    )
+
+
+def _array(raw: dict[str, Any], key: str, problems: list[str]) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        problems.append(f"{key}: expected an array of tables ([[{key}]]), got {_kind(value)}")
+        return []
+    return value
+
+
+def _parse_devices(items: list[Any], base: Path, problems: list[str]) -> tuple[Device, ...]:
+    devices: list[Device] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        where = f"device[{index}]"
+        table = _convert(item, _DeviceTable, where, problems)
+        if table is None:
+            continue
+        if table.name in seen:
+            problems.append(f'{where}.name: device "{table.name}" is defined twice')
+        seen.add(table.name)
+        pins = _parse_pins(table.pins, f"{where}.pins", problems)
+        token = _resolve_token(table, where, base, problems)
+        if token is not None:
+            devices.append(Device(name=table.name, token=token, pins=pins))
+    return tuple(devices)
+
+
+def _parse_pins(raw: dict[str, Any], where: str, problems: list[str]) -> dict[int, PinSpec]:
+    pins: dict[int, PinSpec] = {}
+    for name, spec in raw.items():
+        pin = parse_pin_name(name)
+        if pin is None:
+            problems.append(f'{where}.{name}: expected a virtual pin name v0..v255, got "{name}"')
+            continue
+        if pin in pins:
+            problems.append(f"{where}.{name}: pin v{pin} is declared twice")
+            continue
+        table = {"type": spec} if isinstance(spec, str) else spec
+        if not isinstance(table, dict):
+            problems.append(
+                f"{where}.{name}: expected a type name or a table with type, got {_kind(spec)}"
+            )
+            continue
+        type_name = table.get("type")
+        if type_name not in {t.value for t in PinType}:
+            shown = f'"{type_name}"' if isinstance(type_name, str) else _kind(type_name)
+            problems.append(f"{where}.{name}.type: expected one of {PIN_TYPE_NAMES}, got {shown}")
+            continue
+        parsed = _convert(table, PinSpec, f"{where}.{name}", problems)
+        if parsed is None:
+            continue
+        if parsed.min is not None and parsed.max is not None and parsed.min > parsed.max:
+            problems.append(f"{where}.{name}.min: {parsed.min} is above max {parsed.max}")
+        pins[pin] = parsed
+    return pins
+
+
+def _resolve_token(table: _DeviceTable, where: str, base: Path, problems: list[str]) -> str | None:
+    sources = {
+        "token": table.token,
+        "token_file": table.token_file,
+        "token_env": table.token_env,
+        "token_credential": table.token_credential,
+    }
+    given = [key for key, value in sources.items() if value is not None]
+    if not given:
+        problems.append(f"{where}.token: missing (set token, token_file, token_env or token_credential)")
+        return None
+    if len(given) > 1:
+        problems.append(f"{where}.{given[1]}: give only one of {', '.join(given)}")
+        return None
+    key = given[0]
+    value = sources[key]
+    assert value is not None
+    token: str | None
+    if key == "token":
+        token = value
+    elif key == "token_env":
+        token = os.environ.get(value)
+        if token is None:
+            problems.append(f"{where}.token_env: environment variable {value} is not set")
+            return None
+    else:
+        if key == "token_credential":
+            directory = os.environ.get(CREDENTIALS_ENV)
+            if directory is None:
+                problems.append(f"{where}.token_credential: {CREDENTIALS_ENV} is not set")
+                return None
+            file = Path(directory) / value
+        else:
+            file = _resolve(base, value)
+        try:
+            token = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{where}.{key}: cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
+            return None
+    token = token.strip()
+    if not token or any(ch.isspace() for ch in token):
+        problems.append(f"{where}.{key}: the token is empty or contains white space")
+        return None
+    return token
+
+
+def _parse_ports(
+    items: list[Any], devices: tuple[Device, ...], problems: list[str]
+) -> tuple[PortConfig, ...]:
+    ports: list[PortConfig] = []
+    names = {device.name for device in devices}
+    paths: set[str] = set()
+    for index, item in enumerate(items):
+        where = f"port[{index}]"
+        port = _convert(item, PortConfig, where, problems)
+        if port is None:
+            continue
+        if port.path in paths:
+            problems.append(f'{where}.path: port "{port.path}" is configured twice')
+        paths.add(port.path)
+        if port.device is not None and port.device not in names:
+            problems.append(f'{where}.device: no [[device]] is named "{port.device}"')
+        if port.format == "csv" and not port.columns and not port.header:
+            problems.append(f"{where}.columns: csv needs columns = [...] or header = true")
+        if port.format == "nmea":
+            if port.nmea is None:
+                problems.append(f"{where}.nmea: nmea needs a [port.nmea] table naming pins")
+            elif port.device is None:
+                problems.append(f"{where}.device: nmea needs a device")
+        if port.nmea is not None:
+            for key in ("location", "altitude_m", "speed_kmh", "satellites"):
+                value = getattr(port.nmea, key)
+                if value is not None and parse_pin_name(value) is None:
+                    problems.append(f'{where}.nmea.{key}: expected a virtual pin name, got "{value}"')
+        ports.append(port)
+    return tuple(ports)
+
+
+def _convert(value: Any, target: type[T], where: str, problems: list[str]) -> T | None:
+    try:
+        return msgspec.convert(value, target, strict=True)
+    except msgspec.ValidationError as exc:
+        problems.append(_locate(str(exc), where))
+        return None
+
+
+def _locate(message: str, where: str) -> str:
+    match = _AT_PATH.match(message)
+    text, path = (match.group("msg"), match.group("path")) if match else (message, "")
+    full = f"{where}{path}"
+    unknown = re.match(r"Object contains unknown field `([^`]*)`", text)
+    if unknown:
+        return f"{full}.{unknown.group(1)}: unknown key"
+    missing = re.match(r"Object missing required field `([^`]*)`", text)
+    if missing:
+        return f"{full}.{missing.group(1)}: missing"
+    return f"{full}: {_soften(text)}"
+
+
+def _soften(message: str) -> str:
+    text = message.replace("`", "")
+    return text[:1].lower() + text[1:]
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _check_server(server: str, problems: list[str]) -> None:
+    parts = urlsplit(server)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f'cloud.server: expected "https://host[:port]", got "{server}"')
+    elif parts.path not in ("", "/") or parts.query:
+        problems.append(f'cloud.server: give scheme://host[:port] only, got "{server}"')
+
+
+def _split_listen(listen: str) -> tuple[str, int] | None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split "HOST:PORT" into its parts."""
+    parsed = _split_listen(listen)
+    if parsed is None:
+        raise ValueError(f'expected "HOST:PORT", got "{listen}"')
+    return parsed
+
+
+def server_origin(server: str) -> str:
+    """Normalize a server URL to scheme://host[:port]."""
+    parts = urlsplit(server)
+    return f"{parts.scheme}://{parts.netloc}"

@@ -1,0 +1,95 @@
+"""Points, pin types and the wire forms of their values."""
+
+from __future__ import annotations
+
+import enum
+import math
+from urllib.parse import quote
+
+import msgspec
+
+PIN_COUNT = 256
+STRING_MAX_BYTES = 1024
+
+Location = tuple[float, float]
+Value = bool | int | float | str | Location
+
+
+class PinType(enum.StrEnum):
+    """Datastream data types a virtual pin can carry."""
+
+    INTEGER = "integer"
+    DOUBLE = "double"
+    STRING = "string"
+    BOOLEAN = "boolean"
+    ENUM = "enum"
+    LOCATION = "location"
+
+
+PIN_TYPE_NAMES = "|".join(t.value for t in PinType)
+
+
+class Point(msgspec.Struct, frozen=True, gc=False):
+    """One timestamped value of one virtual pin of one device."""
+
+    device: str
+    pin: int
+    ts_ms: int
+    value: Value
+
+
+def pin_name(pin: int) -> str:
+    """Return the API name of a virtual pin number, e.g. 7 -> "v7"."""
+    return f"v{pin}"
+
+
+def parse_pin_name(name: str) -> int | None:
+    """Return the pin number of "v0".."v255" (any case), or None."""
+    if len(name) < 2 or name[0] not in "vV" or not name[1:].isdigit() or not name[1:].isascii():
+        return None
+    if len(name) > 2 and name[1] == "0":
+        return None
+    number = int(name[1:])
+    return number if number < PIN_COUNT else None
+
+
+_json_encoder = msgspec.json.Encoder()
+
+
+def value_json(value: Value) -> str:
+    """Encode a value as the typed JSON the history POST body carries."""
+    if isinstance(value, tuple):
+        return _json_encoder.encode([value[0], value[1]]).decode()
+    return _json_encoder.encode(value).decode()
+
+
+def value_from_json(text: str) -> Value:
+    """Decode a value stored by value_json."""
+    decoded = msgspec.json.decode(text)
+    if isinstance(decoded, list):
+        return (float(decoded[0]), float(decoded[1]))
+    if isinstance(decoded, bool | int | float | str):
+        return decoded
+    raise ValueError(f"not a pin value: {text!r}")
+
+
+def query_values(value: Value) -> list[str]:
+    """Return the query-string form of a value (two parts for a location)."""
+    if isinstance(value, tuple):
+        return [_number_text(value[0]), _number_text(value[1])]
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    if isinstance(value, float):
+        return [_number_text(value)]
+    return [str(value)]
+
+
+def encode_query_value(text: str) -> str:
+    """Percent-encode one query value (everything but unreserved characters)."""
+    return quote(text, safe="")
+
+
+def _number_text(number: float) -> str:
+    if math.isfinite(number) and number == int(number) and abs(number) < 1e15:
+        return repr(float(number))
+    return repr(number)
