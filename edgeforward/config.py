@@ -41,7 +41,7 @@ class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """Base of every config table: immutable, unknown keys refused."""
 
 
-class Limits(_Table):
+class Limits(_Table, frozen=True):
     """Plan limits of the Blynk device API (defaults: the free plan)."""
 
     points_per_day: NonNegativeInt = 10_000
@@ -53,7 +53,7 @@ class Limits(_Table):
     max_future_days: PositiveFloat = 30.0
 
 
-class CloudConfig(_Table):
+class CloudConfig(_Table, frozen=True):
     """Where the cloud is and how long to wait for it."""
 
     server: str = DEFAULT_SERVER
@@ -62,7 +62,7 @@ class CloudConfig(_Table):
     limits: Limits = Limits()
 
 
-class BufferConfig(_Table):
+class BufferConfig(_Table, frozen=True):
     """The SQLite buffer file and its cap."""
 
     path: str = DEFAULT_BUFFER_PATH
@@ -72,14 +72,14 @@ class BufferConfig(_Table):
     commit_interval_ms: Annotated[float, Meta(ge=0, le=1000)] = 5.0
 
 
-class ForwardConfig(_Table):
+class ForwardConfig(_Table, frozen=True):
     """How often each path to the cloud runs."""
 
     live_interval_s: NonNegativeFloat = 10.0
     history_interval_s: PositiveFloat = 10.0
 
 
-class NmeaPins(_Table):
+class NmeaPins(_Table, frozen=True):
     """Pins that NMEA fixes are written to."""
 
     location: str | None = None
@@ -88,7 +88,7 @@ class NmeaPins(_Table):
     satellites: str | None = None
 
 
-class PortConfig(_Table):
+class PortConfig(_Table, frozen=True):
     """One serial port (a device path or a pyserial URL)."""
 
     path: str
@@ -102,7 +102,7 @@ class PortConfig(_Table):
     nmea: NmeaPins | None = None
 
 
-class PinSpec(_Table):
+class PinSpec(_Table, frozen=True):
     """Type and range of one virtual pin."""
 
     type: PinType
@@ -110,7 +110,7 @@ class PinSpec(_Table):
     max: float | None = None
 
 
-class _DeviceTable(_Table):
+class _DeviceTable(_Table, frozen=True):
     name: Annotated[str, Meta(min_length=1)]
     token: str | None = None
     token_file: str | None = None
@@ -119,13 +119,13 @@ class _DeviceTable(_Table):
     pins: dict[str, Any] = {}
 
 
-class MetricsConfig(_Table):
+class MetricsConfig(_Table, frozen=True):
     """Prometheus metrics and health endpoint (off unless `listen` is set)."""
 
     listen: str | None = None
 
 
-class LogConfig(_Table):
+class LogConfig(_Table, frozen=True):
     """Logging level and rendering."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -278,9 +278,7 @@ def _parse_pins(raw: dict[str, Any], where: str, problems: list[str]) -> dict[in
             continue
         table = {"type": spec} if isinstance(spec, str) else spec
         if not isinstance(table, dict):
-            problems.append(
-                f"{where}.{name}: expected a type name or a table with type, got {_kind(spec)}"
-            )
+            problems.append(f"{where}.{name}: expected a type name or a table with type, got {_kind(spec)}")
             continue
         type_name = table.get("type")
         if type_name not in {t.value for t in PinType}:
