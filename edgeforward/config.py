@@ -77,6 +77,9 @@ class ForwardConfig(_Table, frozen=True):
 
     live_interval_s: NonNegativeFloat = 10.0
     history_interval_s: PositiveFloat = 10.0
+    retry_initial_s: PositiveFloat = 1.0
+    retry_max_s: PositiveFloat = 60.0
+    park_recheck_s: PositiveFloat = 300.0
 
 
 class NmeaPins(_Table, frozen=True):

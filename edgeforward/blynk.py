@@ -1,0 +1,227 @@
+"""HTTP client for the Blynk device API, mapping every answer to a result or one exception class."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import msgspec
+from yarl import URL
+
+from .points import Value, encode_query_value, pin_name, query_values
+
+API_PATH = "/external/api/"
+MAX_REDIRECTS = 3
+RATE_WINDOW_S = 1.0
+RATE_MARGIN_S = 0.05
+ERROR_BODY_MAX_BYTES = 4096
+
+
+class CloudError(Exception):
+    """Root of every failure to get a request accepted by the cloud."""
+
+
+class TransientError(CloudError):
+    """The cloud could not be reached or asked us to come back later (retry with backoff)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Refusal(enum.Enum):
+    """Why the cloud refused a request for good (HTTP 4xx)."""
+
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 (a refusal name, not a secret)
+    PIN = "pin"
+    VALUE = "value"
+    TOO_LARGE = "too_large"
+    QUOTA = "quota"
+    UNKNOWN = "unknown"
+
+
+class RefusedError(CloudError):
+    """The cloud answered and refused the request; `refusal` says why."""
+
+    def __init__(self, refusal: Refusal, message: str, status: int) -> None:
+        super().__init__(f"{status} {message}")
+        self.refusal = refusal
+        self.message = message
+        self.status = status
+
+
+# One table: a stable, case-insensitive substring of the cloud's message -> what it means.
+_REFUSALS: tuple[tuple[str, Refusal], ...] = (
+    ("invalid token", Refusal.INVALID_TOKEN),
+    ("wrong pin format", Refusal.PIN),
+    ("no datastream", Refusal.PIN),
+    ("wrong datastreamid", Refusal.PIN),
+    ("doesn't match the datastream", Refusal.VALUE),
+    ("does not match the datastream", Refusal.VALUE),
+    ("too much data", Refusal.TOO_LARGE),
+    ("limit", Refusal.QUOTA),
+    ("quota", Refusal.QUOTA),
+)
+
+
+def classify(status: int, message: str) -> Refusal:
+    """Map a refused answer to its meaning."""
+    if status == 413:
+        return Refusal.TOO_LARGE
+    lowered = message.lower()
+    for needle, refusal in _REFUSALS:
+        if needle in lowered:
+            return refusal
+    return Refusal.UNKNOWN
+
+
+class RateLimiter:
+    """At most `rate` request starts in any sliding window of one second."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._size = max(1, int(rate))
+        self._window = RATE_WINDOW_S * self._size / rate + RATE_MARGIN_S
+        self._starts: collections.deque[float] = collections.deque()
+        self._clock = clock
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait until one more request fits in the window."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                while self._starts and now - self._starts[0] >= self._window:
+                    self._starts.popleft()
+                if len(self._starts) < self._size:
+                    self._starts.append(now)
+                    return
+                await asyncio.sleep(self._window - (now - self._starts[0]))
+
+
+RedirectHandler = Callable[[str], Awaitable[None]]
+AttemptHandler = Callable[[int], Awaitable[None]]
+
+
+class BlynkClient:
+    """Requests of one device (one token) to the Blynk device HTTPS API."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        server: str,
+        token: str,
+        *,
+        timeout_s: float,
+        limiter: RateLimiter,
+        on_redirect: RedirectHandler | None = None,
+        on_attempt: AttemptHandler | None = None,
+    ) -> None:
+        self._session = session
+        self.server = server.rstrip("/")
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._limiter = limiter
+        self._on_redirect = on_redirect
+        self._on_attempt = on_attempt
+        self.requests = 0
+
+    def live_query(self, values: Sequence[tuple[int, Value]]) -> str:
+        """Return the query of a multi-pin GET carrying these values (token left out)."""
+        return "&".join(f"{pin_name(pin)}={encode_query_value(query_values(value)[0])}" for pin, value in values)
+
+    async def live(self, values: Sequence[tuple[int, Value]]) -> None:
+        """Send the newest values of several pins in one `GET batch/update`."""
+        await self._request("GET", "batch/update", self.live_query(values))
+
+    async def update_location(self, pin: int, location: tuple[float, float]) -> None:
+        """Send one location value with `GET update?pin=vN&value=LON&value=LAT`."""
+        lon, lat = query_values(location)
+        query = f"pin={pin_name(pin)}&value={encode_query_value(lon)}&value={encode_query_value(lat)}"
+        await self._request("GET", "update", query)
+
+    async def history(self, pin: int, body: bytes, points: int) -> None:
+        """Upload timestamped points of one pin with `POST batch/update?pin=vN`."""
+        await self._request("POST", "batch/update", f"pin={pin_name(pin)}", body=body, points=points)
+
+    async def _request(
+        self, method: str, endpoint: str, query: str, *, body: bytes | None = None, points: int = 0
+    ) -> None:
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        server = self.server
+        for _ in range(MAX_REDIRECTS + 1):
+            url = URL(f"{server}{API_PATH}{endpoint}?token={quote(self._token, safe='')}&{query}", encoded=True)
+            if self._on_attempt is not None:
+                await self._on_attempt(points)
+                points = 0
+            await self._limiter.acquire()
+            self.requests += 1
+            try:
+                async with self._session.request(
+                    method, url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+                ) as response:
+                    if response.status == 200:
+                        await response.read()
+                        return
+                    location = response.headers.get("Location")
+                    redirect = response.status in (301, 302, 307, 308) and location
+                    if not redirect:
+                        text = await _error_text(response)
+                        status = response.status
+                        retry_after = _retry_after(response.headers.get("Retry-After"))
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise TransientError(_describe(exc)) from None
+            if redirect:
+                await self._follow(_origin(str(location), server))
+                server = self.server
+                continue
+            if status == 429 or status >= 500:
+                raise TransientError(f"{status} {text}".strip(), retry_after_s=retry_after)
+            raise RefusedError(classify(status, text), text, status)
+        raise TransientError(f"more than {MAX_REDIRECTS} redirects")
+
+    async def _follow(self, server: str) -> None:
+        if server != self.server:
+            self.server = server
+            if self._on_redirect is not None:
+                await self._on_redirect(server)
+
+
+async def _error_text(response: aiohttp.ClientResponse) -> str:
+    raw = await response.content.read(ERROR_BODY_MAX_BYTES)
+    text = raw.decode("utf-8", "replace").strip()
+    with contextlib.suppress(msgspec.DecodeError, TypeError, KeyError, AttributeError):
+        decoded = msgspec.json.decode(raw)
+        message = decoded["error"]["message"]
+        if isinstance(message, str):
+            return message
+    return text or (response.reason or "")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _origin(location: str, current: str) -> str:
+    parts = urlsplit(location)
+    if not parts.scheme or not parts.netloc:
+        return current
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    return f"{type(exc).__name__}: {exc}"

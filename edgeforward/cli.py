@@ -1,0 +1,170 @@
+"""The `edgeforward` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from . import __version__
+from .config import Config, ConfigError, config_path, load_config
+from .logs import configure_logging
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+WATCH_INTERVAL_S = 2.0
+
+log = structlog.get_logger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="edgeforward", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgeforward {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", help="config file (default: $EDGEFORWARD_CONFIG)")
+        return sub
+
+    with_config("run", "run the daemon in the foreground until SIGTERM/SIGINT")
+    with_config("check-config", "validate the config without touching ports or network")
+    status = with_config("status", "print the ledger, budgets and ports (works while the daemon runs)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", action="store_true", help="refresh every few seconds until interrupted")
+
+    deadletter = with_config("deadletter", "list, requeue or delete points the cloud refused for good")
+    deadletter.add_argument("action", choices=("list", "retry", "purge"))
+    deadletter.add_argument("--device", help="only this device")
+    deadletter.add_argument("--pin", help="only this pin (vN)")
+    deadletter.add_argument("--json", action="store_true", help="machine-readable output (list)")
+
+    cloudsim = commands.add_parser("cloudsim", help="a local Blynk-compatible device API server")
+    cloudsim.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
+    cloudsim.add_argument("--devices", type=Path, help="devices file: JSON {token: {pins}} or an edgeforward config")
+    cloudsim.add_argument("--any-token", action="store_true", help="accept every token (pins of any type)")
+    cloudsim.add_argument("--record", type=Path, help="append every accepted point to this JSON-lines file")
+    cloudsim.add_argument("--batch-max-points", type=int, default=10_000)
+    cloudsim.add_argument("--max-request-bytes", type=int, default=2_000_000)
+    cloudsim.add_argument("--points-per-day", type=int, default=0, help="0 = unlimited")
+    cloudsim.add_argument("--messages-per-month", type=int, default=0, help="0 = unlimited")
+    cloudsim.add_argument("--requests-per-second", type=float, default=0, help="0 = unlimited")
+    cloudsim.add_argument("--max-age-days", type=float, default=0, help="0 = no check")
+
+    demo = commands.add_parser("demo", help="a self-contained demonstration on this machine (no hardware)")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long the simulated MCU prints readings")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    handler = {
+        "run": _run,
+        "check-config": _check_config,
+        "status": _status,
+        "deadletter": _deadletter,
+        "cloudsim": _cloudsim,
+        "demo": _demo,
+    }[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    configure_logging(config.log.level, config.log.format, secrets=config.tokens, stream=sys.stdout)
+    from .daemon import run_daemon
+    from .buffer import BufferError
+
+    try:
+        asyncio.run(run_daemon(config))
+    except BufferError as exc:
+        log.error("fatal", error=str(exc))
+        return EXIT_FATAL
+    except OSError as exc:
+        log.error("fatal", error=str(exc))
+        return EXIT_FATAL
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{config.path}: ok ({len(config.devices)} devices, {len(config.ports)} ports)")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from .status import read_status, render_status
+
+    config = _load(args)
+    if args.json:
+        print(json.dumps(read_status(config), indent=2))
+        return EXIT_OK
+    console = Console()
+    if not args.watch:
+        render_status(read_status(config), console)
+        return EXIT_OK
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            capture = Console(record=True, width=console.width)
+            with capture.capture():
+                render_status(read_status(config), capture)
+            live.update(capture.export_text(styles=True), refresh=True)
+            time.sleep(WATCH_INTERVAL_S)
+
+
+def _deadletter(args: argparse.Namespace) -> int:
+    from .deadletter import run_deadletter
+
+    config = _load(args)
+    return run_deadletter(config, args.action, device=args.device, pin=args.pin, as_json=args.json)
+
+
+def _cloudsim(args: argparse.Namespace) -> int:
+    from .cloudsim import SimLimits, devices_from_file, serve
+
+    configure_logging("info", "auto")
+    devices = devices_from_file(args.devices) if args.devices else []
+    limits = SimLimits(
+        batch_max_points=args.batch_max_points,
+        max_request_bytes=args.max_request_bytes,
+        points_per_day=args.points_per_day,
+        messages_per_month=args.messages_per_month,
+        requests_per_second=args.requests_per_second,
+        max_age_days=args.max_age_days,
+    )
+    accept_any = args.any_token or not devices
+    asyncio.run(serve(args.listen, devices, limits, accept_any, args.record))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(seconds=args.seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

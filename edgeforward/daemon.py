@@ -1,0 +1,261 @@
+"""The daemon: ports -> parser -> buffer -> forwarders, wired in one TaskGroup, stopped by signal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from . import __version__
+from .buffer import Buffer, Committed
+from .config import Config, PortConfig
+from .forwarder import Forwarder
+from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected, parse_line, parse_nmea
+from .logs import Throttle
+from .points import Point
+from .serial_source import PortStats, SerialSource
+
+log = structlog.get_logger(__name__)
+
+STOP_TIMEOUT_S = 5.0
+SNAPSHOT_INTERVAL_S = 2.0
+BAD_LINES_LOGGED_PER_MINUTE = 5
+HTTP_CONNECTIONS = 8
+
+
+def now_ms() -> int:
+    """Return the wall clock in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class PortPipeline:
+    """One port's lines: parse, stamp, submit to the buffer, count, acknowledge."""
+
+    def __init__(self, port: PortConfig, config: Config, submit: Callable[[Sequence[Point]], asyncio.Future[None]]):
+        self.port = port
+        self.stats = PortStats(path=port.path)
+        self.source = SerialSource(
+            port.path, port.baud, self.on_line, stats=self.stats, max_line_bytes=port.max_line_bytes
+        )
+        self._submit = submit
+        self._context = ParseContext(
+            devices={device.name: {pin: spec.type for pin, spec in device.pins.items()} for device in config.devices},
+            default_device=port.device,
+            max_future_ms=int(config.cloud.limits.max_future_days * 86_400_000),
+        )
+        self._clock = McuClock()
+        self._csv = CsvParser(port.columns, port.header) if port.format == "csv" else None
+        self._throttle = Throttle(BAD_LINES_LOGGED_PER_MINUTE)
+        self._log = log.bind(port=port.path)
+
+    def on_line(self, raw: bytes, received_ms: int, first: bool) -> None:
+        """Handle one framed line from the serial source."""
+        result = self._parse(raw, received_ms)
+        if result is None:
+            return
+        if isinstance(result, Rejected):
+            if first:
+                # The first bytes after opening are often the tail of a line the MCU was already printing.
+                self.stats.count_ignored("partial")
+                return
+            self.stats.count_bad(result.reason)
+            if self._throttle.allow():
+                self._log.warning(
+                    "line_rejected",
+                    reason=result.reason,
+                    detail=result.detail,
+                    suppressed=self._throttle.take_suppressed(),
+                )
+            return
+        if isinstance(result, Ignored):
+            self.stats.count_ignored(result.reason)
+            return
+        self._accept(result, received_ms)
+
+    def _parse(self, raw: bytes, received_ms: int) -> Reading | Rejected | Ignored | None:
+        if self._csv is not None:
+            text = _decode(raw)
+            if text is None:
+                return Rejected("encoding", "invalid UTF-8")
+            if not text.strip():
+                return None
+            return self._csv.parse(text, self._context, received_ms)
+        if self.port.format == "nmea" and self.port.nmea is not None and self.port.device is not None:
+            text = _decode(raw)
+            if text is None:
+                return Rejected("encoding", "invalid UTF-8")
+            if not text.strip():
+                return None
+            return parse_nmea(text, self.port.nmea, self.port.device, self._context, received_ms)
+        return parse_line(raw, self.port.format, self._context, received_ms)
+
+    def _accept(self, reading: Reading, received_ms: int) -> None:
+        if reading.ts_ms is not None:
+            ts = reading.ts_ms
+        elif reading.mcu_ms is not None:
+            ts = self._clock.to_wall(reading.mcu_ms, received_ms)
+        else:
+            ts = received_ms
+        points = [Point(reading.device, pin, ts, value) for pin, value in reading.values]
+        committed = self._submit(points)
+        self.stats.count_ok()
+        if self.port.ack and reading.seq is not None:
+            seq = reading.seq
+            committed.add_done_callback(lambda future: self._acknowledge(future, seq))
+
+    def _acknowledge(self, future: asyncio.Future[None], seq: int) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.source.write(b"ACK %d\n" % seq)
+
+    def snapshot(self) -> tuple[str, str, int, int, int, int, str]:
+        """Return the row `status` reads for this port."""
+        stats = self.stats
+        detail = json.dumps(
+            {"bad_reasons": stats.bad_reasons, "ignored_reasons": stats.ignored_reasons, "last_error": stats.last_error}
+        )
+        return (
+            stats.path,
+            str(stats.state),
+            stats.lines_ok,
+            stats.lines_bad,
+            stats.lines_ignored,
+            stats.reconnects,
+            detail,
+        )
+
+
+def _decode(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        return None
+
+
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """Return the TLS context: system trust roots, plus the configured extra root."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+class Daemon:
+    """Everything `edgeforward run` does, from open to orderly stop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        buffer_config = config.buffer
+        self.buffer = Buffer(
+            Path(buffer_config.path),
+            synchronous=buffer_config.synchronous,
+            max_points=buffer_config.max_points,
+            full_policy=buffer_config.full_policy,
+            commit_interval_ms=buffer_config.commit_interval_ms,
+        )
+        self.pipelines = [PortPipeline(port, config, self.buffer.submit) for port in config.ports]
+        self.forwarders: dict[str, Forwarder] = {}
+        self.ready = asyncio.Event()
+
+    def _on_commit(self, committed: Sequence[Committed]) -> None:
+        for item in committed:
+            forwarder = self.forwarders.get(item.device)
+            if forwarder is not None:
+                forwarder.notify(item.pins)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then stop in order: readers, forwarders, writer."""
+        await self.buffer.open()
+        try:
+            connector = aiohttp.TCPConnector(
+                ssl=ssl_context(self.config.cloud.ca_file), limit=HTTP_CONNECTIONS, ttl_dns_cache=300
+            )
+            headers = {"User-Agent": f"edgeforward/{__version__}"}
+            async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+                for device in self.config.devices:
+                    self.forwarders[device.name] = Forwarder(
+                        device, self.buffer, session, self.config.cloud, self.config.forward
+                    )
+                self.buffer.add_listener(self._on_commit)
+                await self._run_tasks(stop)
+        finally:
+            await self.buffer.close()
+
+    async def _run_tasks(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            writer = group.create_task(self.buffer.run_writer(), name="buffer-writer")
+            readers = [
+                group.create_task(pipeline.source.run(), name=f"port:{pipeline.port.path}")
+                for pipeline in self.pipelines
+            ]
+            forwarders = [
+                group.create_task(forwarder.run(), name=f"forward:{name}")
+                for name, forwarder in self.forwarders.items()
+            ]
+            snapshots = group.create_task(self._snapshot_loop(), name="status-snapshot")
+            await self.buffer.set_meta({"pid": str(os.getpid()), "started": str(now_ms()), "running": "1"})
+            log.info(
+                "daemon_started",
+                version=__version__,
+                ports=[p.port.path for p in self.pipelines],
+                devices=list(self.forwarders),
+                buffer=str(self.buffer.path),
+                queued=self.buffer.queued_total,
+            )
+            self.ready.set()
+            await stop.wait()
+            log.info("daemon_stopping")
+            await _cancel_and_wait(readers, STOP_TIMEOUT_S)
+            await _cancel_and_wait(forwarders, STOP_TIMEOUT_S)
+            await _cancel_and_wait([snapshots], STOP_TIMEOUT_S)
+            await self.buffer.save_ports(p.snapshot() for p in self.pipelines)
+            await self.buffer.set_meta({"running": "0", "stopped": str(now_ms())})
+            self.buffer.stop_writer()
+            await writer
+        log.info("daemon_stopped", queued=self.buffer.queued_total)
+
+    async def _snapshot_loop(self) -> None:
+        last: list[tuple[str, str, int, int, int, int, str]] = []
+        while True:
+            rows = [pipeline.snapshot() for pipeline in self.pipelines]
+            if rows != last:
+                await self.buffer.save_ports(rows)
+                last = rows
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+
+
+async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]], timeout: float) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+
+
+async def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | None = None) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    daemon = Daemon(config)
+    try:
+        if on_ready is not None:
+            ready_task = asyncio.create_task(_call_when_ready(daemon, on_ready))
+        await daemon.run(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        if on_ready is not None:
+            ready_task.cancel()
+
+
+async def _call_when_ready(daemon: Daemon, on_ready: Callable[[Daemon], None]) -> None:
+    await daemon.ready.wait()
+    on_ready(daemon)

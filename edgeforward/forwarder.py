@@ -1,0 +1,447 @@
+"""What to send to the cloud when: the live path, the history path, budgets, backoff and parking."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import enum
+import functools
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+
+from .blynk import BlynkClient, RateLimiter, Refusal, RefusedError, TransientError
+from .buffer import Budget, Buffer, QueuedPoint, utc_day, utc_month
+from .config import CloudConfig, Device, ForwardConfig
+from .points import value_from_json
+
+log = structlog.get_logger(__name__)
+
+LIVE_FRESH_MIN_S = 5.0
+LIVE_QUERY_MAX_BYTES = 4000
+EXPIRE_INTERVAL_S = 60.0
+EXPIRE_MARGIN_S = 600.0
+PARK_RECHECK_S = 300.0
+PIN_PARK_RECHECK_S = 600.0
+UNKNOWN_REFUSAL_RETRY_S = 60.0
+BODY_MARGIN_BYTES = 256
+SUCCESS_RECORD_INTERVAL_S = 10.0
+
+
+class DeviceState(enum.StrEnum):
+    """Where a device stands with the cloud."""
+
+    UNKNOWN = "unknown"
+    ONLINE = "online"
+    OFFLINE = "offline"
+    PARKED = "parked"
+
+
+class _Wait(Exception):
+    """Nothing can be sent until `until_s` (a budget is spent or the cloud asked us to wait)."""
+
+    def __init__(self, until_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.until_s = until_s
+        self.reason = reason
+
+
+class Backoff:
+    """Capped exponential backoff with jitter."""
+
+    def __init__(self, initial_s: float, maximum_s: float) -> None:
+        self._initial = initial_s
+        self._maximum = maximum_s
+        self.attempt = 0
+
+    def next(self) -> float:
+        """Return the next delay and advance."""
+        delay = min(self._maximum, self._initial * 2.0 ** min(self.attempt, 30))
+        self.attempt += 1
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        """Start again from the initial delay."""
+        self.attempt = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryBatch:
+    """Points of one pin that fit one POST, and its body."""
+
+    points: Sequence[QueuedPoint]
+    body: bytes
+
+
+def build_history_batch(points: Sequence[QueuedPoint], max_bytes: int) -> HistoryBatch:
+    """Take points (oldest first) while the JSON body stays within max_bytes."""
+    parts: list[str] = []
+    size = 2
+    for point in points:
+        entry = f"[{point.ts_ms},{point.value_json}]"
+        if parts and size + len(entry) + 1 > max_bytes:
+            break
+        parts.append(entry)
+        size += len(entry) + 1
+    return HistoryBatch(points[: len(parts)], ("[" + ",".join(parts) + "]").encode())
+
+
+def next_utc_day_s(now_s: float) -> float:
+    """Return the Unix time of the next UTC midnight."""
+    return (math.floor(now_s / 86400) + 1) * 86400.0
+
+
+def next_utc_month_s(now_s: float) -> float:
+    """Return the Unix time of the first moment of next UTC month."""
+    now = time.gmtime(now_s)
+    year, month = (now.tm_year + 1, 1) if now.tm_mon == 12 else (now.tm_year, now.tm_mon + 1)
+    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+class Forwarder:
+    """Forwards one device's queued points: live values by multi-pin GET, the rest by per-pin POST."""
+
+    def __init__(
+        self,
+        device: Device,
+        buffer: Buffer,
+        session: aiohttp.ClientSession,
+        cloud: CloudConfig,
+        forward: ForwardConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.device = device
+        self._buffer = buffer
+        self._session = session
+        self._cloud = cloud
+        self._limits = cloud.limits
+        self._forward = forward
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._dirty: set[int] = set()
+        self._horizon = 0
+        self._history_due = True
+        self._live_excluded: set[int] = set()
+        self._parked_pins: dict[int, tuple[float, str]] = {}
+        self._batch_cap = self._limits.batch_max_points
+        self._budget: Budget | None = None
+        self._next_expire = 0.0
+        self._last_success_recorded = 0.0
+        self.state = DeviceState.UNKNOWN
+        self.reason: str | None = None
+        self._log = log.bind(device=device.name)
+        self._client: BlynkClient | None = None
+
+    def notify(self, pins: frozenset[int]) -> None:
+        """Tell the forwarder that points of these pins were committed."""
+        self._dirty |= pins
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Forward until cancelled."""
+        server = await self._buffer.remembered_server(self.device.token) or self._cloud.server
+        self._client = BlynkClient(
+            self._session,
+            server,
+            self.device.token,
+            timeout_s=self._cloud.timeout_s,
+            limiter=RateLimiter(self._limits.requests_per_second),
+            on_redirect=self._remember_server,
+            on_attempt=self._spend,
+        )
+        self._budget = await self._buffer.budget(self.device.name, self._clock())
+        self._dirty |= set(await self._buffer.pins_queued(self.device.name))
+        self._horizon = await self._buffer.max_id()
+        backoff = Backoff(self._forward.retry_initial_s, self._forward.retry_max_s)
+        live = self._forward.live_interval_s > 0
+        next_live = 0.0
+        next_history = 0.0
+        while True:
+            self._wake.clear()
+            now = self._clock()
+            try:
+                await self._expire_if_due(now)
+                if live and self._dirty and now >= next_live:
+                    next_live = now + self._forward.live_interval_s
+                    await self._live_tick(now)
+                    self._history_due = True
+                if not live and self._dirty:
+                    self._horizon = await self._buffer.max_id()
+                    self._dirty.clear()
+                    self._history_due = True
+                if (
+                    self._history_due
+                    and now >= next_history
+                    and await self._history_round(next_live if live else math.inf)
+                ):
+                    self._history_due = False
+                    next_history = now + self._forward.history_interval_s
+                backoff.reset()
+            except TransientError as exc:
+                await self._go_offline(str(exc), exc.retry_after_s or backoff.next(), backoff.attempt)
+                continue
+            except RefusedError as exc:
+                if exc.refusal is Refusal.INVALID_TOKEN:
+                    await self._park(exc.message)
+                    continue
+                await self._set_state(DeviceState.ONLINE, f"refused: {exc.message}")
+                await self._sleep(UNKNOWN_REFUSAL_RETRY_S)
+                continue
+            except _Wait as wait:
+                self._log.info("forward_waiting", reason=wait.reason, seconds=round(wait.until_s - self._clock()))
+                await self._sleep_until(wait.until_s, wakeable=False)
+                continue
+            wake_at = min(
+                next_live if (live and self._dirty) else math.inf,
+                next_history if self._history_due else math.inf,
+                self._next_parked_pin(),
+            )
+            await self._sleep_until(wake_at, wakeable=True)
+
+    # live path ----------------------------------------------------------------------------------
+
+    async def _live_tick(self, now: float) -> None:
+        horizon = await self._buffer.max_id()
+        fresh_after_ms = int((now - max(2 * self._forward.live_interval_s, LIVE_FRESH_MIN_S)) * 1000)
+        scalars: list[QueuedPoint] = []
+        locations: list[QueuedPoint] = []
+        for pin in sorted(self._dirty):
+            if pin in self._parked_pins:
+                continue
+            newest = await self._buffer.newest(self.device.name, pin)
+            if newest is None or newest.ts_ms < fresh_after_ms or newest.id in self._live_excluded:
+                continue
+            (locations if newest.value_json.startswith("[") else scalars).append(newest)
+        self._dirty.clear()
+        self._horizon = horizon
+        client = self._client
+        assert client is not None
+        scalars = self._fit_live_query(scalars)
+        if scalars:
+            values = [(p.pin, value_from_json(p.value_json)) for p in scalars]
+            await self._send_live(scalars, lambda: client.live(values))
+        for point in locations:
+            location = value_from_json(point.value_json)
+            assert isinstance(location, tuple)
+            await self._send_live([point], functools.partial(client.update_location, point.pin, location))
+
+    def _fit_live_query(self, points: list[QueuedPoint]) -> list[QueuedPoint]:
+        assert self._client is not None
+        fitted: list[QueuedPoint] = []
+        for point in points:
+            candidate = [*fitted, point]
+            query = self._client.live_query([(p.pin, value_from_json(p.value_json)) for p in candidate])
+            if len(query) > LIVE_QUERY_MAX_BYTES:
+                continue
+            fitted = candidate
+        return fitted
+
+    async def _send_live(self, points: list[QueuedPoint], send: Callable[[], Awaitable[None]]) -> None:
+        self._check_messages()
+        try:
+            await send()
+        except RefusedError as exc:
+            if exc.refusal in (Refusal.INVALID_TOKEN, Refusal.QUOTA):
+                raise
+            # The live GET cannot say which value it refused: the history path sorts it out per pin.
+            self._live_excluded.update(p.id for p in points)
+            self._log.info("live_refused", reason=exc.message, pins=[p.pin for p in points])
+            return
+        await self._buffer.deliver(self.device.name, [p.id for p in points], "live")
+        await self._succeeded()
+
+    # history path -------------------------------------------------------------------------------
+
+    async def _history_round(self, live_due: float) -> bool:
+        """Send history batches (pins in turn, oldest first); False if stopped early for a live tick."""
+        pins = [p for p in await self._buffer.pins_queued(self.device.name) if p not in self._parked_pins]
+        while pins:
+            for pin in list(pins):
+                if self._dirty and self._clock() >= live_due:
+                    return False
+                if not await self._send_history_batch(pin):
+                    pins.remove(pin)
+        return True
+
+    async def _send_history_batch(self, pin: int) -> bool:
+        """Send one batch of a pin's history; False when the pin has nothing more to send now."""
+        now = self._clock()
+        room = self._points_room(now)
+        limit = min(self._batch_cap, room)
+        points = await self._buffer.oldest(self.device.name, pin, limit, max_id=self._horizon)
+        if not points:
+            return False
+        cutoff_ms = self._expiry_cutoff_ms(now)
+        if points[0].ts_ms < cutoff_ms:
+            await self._expire(now)
+            return True
+        batch = build_history_batch(points, self._limits.max_request_bytes - BODY_MARGIN_BYTES)
+        await self._send_batch(pin, batch.points)
+        return pin not in self._parked_pins
+
+    async def _send_batch(self, pin: int, points: Sequence[QueuedPoint]) -> None:
+        assert self._client is not None
+        self._check_messages()
+        self._check_points(len(points))
+        batch = build_history_batch(points, self._limits.max_request_bytes - BODY_MARGIN_BYTES)
+        try:
+            await self._client.history(pin, batch.body, len(points))
+        except RefusedError as exc:
+            await self._history_refused(pin, points, exc)
+            return
+        await self._buffer.deliver(self.device.name, [p.id for p in points], "history")
+        await self._succeeded()
+
+    async def _history_refused(self, pin: int, points: Sequence[QueuedPoint], exc: RefusedError) -> None:
+        if exc.refusal is Refusal.VALUE:
+            if len(points) == 1:
+                await self._buffer.reject(self.device.name, points, exc.message)
+                self._log.warning("point_rejected", pin=f"v{pin}", ts=points[0].ts_ms, reason=exc.message)
+                return
+            # Poison isolation: halve until the refused points stand alone; the rest is delivered.
+            middle = len(points) // 2
+            await self._send_batch(pin, points[:middle])
+            await self._send_batch(pin, points[middle:])
+            return
+        if exc.refusal is Refusal.PIN:
+            self._parked_pins[pin] = (self._clock() + PIN_PARK_RECHECK_S, exc.message)
+            self._log.warning("pin_parked", pin=f"v{pin}", reason=exc.message, recheck_s=PIN_PARK_RECHECK_S)
+            return
+        if exc.refusal is Refusal.TOO_LARGE and len(points) == 1:
+            await self._buffer.reject(self.device.name, points, exc.message)
+            self._log.warning("point_rejected", pin=f"v{pin}", ts=points[0].ts_ms, reason=exc.message)
+            return
+        if exc.refusal is Refusal.TOO_LARGE:
+            self._batch_cap = max(1, len(points) // 2)
+            self._log.warning("batch_too_large", points=len(points), new_cap=self._batch_cap)
+            return
+        if exc.refusal is Refusal.QUOTA:
+            raise _Wait(next_utc_day_s(self._clock()), f"cloud quota: {exc.message}")
+        raise exc
+
+    # budgets ------------------------------------------------------------------------------------
+
+    async def _spend(self, points: int) -> None:
+        self._budget = await self._buffer.spend(self.device.name, self._clock(), messages=1, points=points)
+
+    def _current_budget(self, now: float) -> Budget:
+        budget = self._budget or Budget(utc_day(now), 0, utc_month(now), 0)
+        day, month = utc_day(now), utc_month(now)
+        return Budget(
+            day,
+            budget.points_day if budget.day == day else 0,
+            month,
+            budget.messages_month if budget.month == month else 0,
+        )
+
+    def _check_messages(self) -> None:
+        limit = self._limits.messages_per_month
+        now = self._clock()
+        if limit and self._current_budget(now).messages_month >= limit:
+            raise _Wait(next_utc_month_s(now), "monthly messages spent")
+
+    def _points_room(self, now: float) -> int:
+        limit = self._limits.points_per_day
+        if not limit:
+            return self._batch_cap
+        room = limit - self._current_budget(now).points_day
+        if room <= 0:
+            raise _Wait(next_utc_day_s(now), "daily points spent")
+        return room
+
+    def _check_points(self, count: int) -> None:
+        if self._points_room(self._clock()) < count:
+            raise _Wait(next_utc_day_s(self._clock()), "daily points spent")
+
+    # expiry -------------------------------------------------------------------------------------
+
+    def _expiry_cutoff_ms(self, now: float) -> int:
+        return int((now - self._limits.max_age_days * 86400 + EXPIRE_MARGIN_S) * 1000)
+
+    async def _expire_if_due(self, now: float) -> None:
+        if now >= self._next_expire:
+            await self._expire(now)
+
+    async def _expire(self, now: float) -> None:
+        self._next_expire = now + EXPIRE_INTERVAL_S
+        cutoff = self._expiry_cutoff_ms(now)
+        expired = 0
+        for pin in await self._buffer.pins_queued(self.device.name):
+            expired += await self._buffer.expire(self.device.name, cutoff, pin=pin)
+        if expired:
+            self._log.warning("points_expired", points=expired, max_age_days=self._limits.max_age_days)
+
+    # state --------------------------------------------------------------------------------------
+
+    async def _succeeded(self) -> None:
+        now = self._clock()
+        if self.state is not DeviceState.ONLINE or self.reason is not None:
+            if self.state is DeviceState.OFFLINE:
+                self._log.info("cloud_reachable_again")
+            await self._set_state(DeviceState.ONLINE, None)
+        elif now - self._last_success_recorded >= SUCCESS_RECORD_INTERVAL_S:
+            await self._buffer.set_device_state(self.device.name, self.state, self.reason, success_ms=int(now * 1000))
+        else:
+            return
+        self._last_success_recorded = now
+
+    async def _set_state(self, state: DeviceState, reason: str | None) -> None:
+        if state is self.state and reason == self.reason:
+            return
+        self.state, self.reason = state, reason
+        success = int(self._clock() * 1000) if state is DeviceState.ONLINE and reason is None else None
+        await self._buffer.set_device_state(self.device.name, state, reason, success_ms=success)
+
+    async def _go_offline(self, reason: str, delay: float, attempt: int) -> None:
+        if self.state is not DeviceState.OFFLINE:
+            self._log.warning("cloud_unreachable", reason=reason, retry_s=round(delay, 1))
+        else:
+            self._log.debug("cloud_unreachable", reason=reason, retry_s=round(delay, 1), attempt=attempt)
+        await self._set_state(DeviceState.OFFLINE, reason)
+        await self._sleep(delay)
+
+    async def _park(self, reason: str) -> None:
+        if self.state is not DeviceState.PARKED:
+            self._log.error("device_parked", reason=reason, recheck_s=self._forward.park_recheck_s)
+        await self._set_state(DeviceState.PARKED, reason)
+        await self._sleep(self._forward.park_recheck_s)
+
+    async def _remember_server(self, server: str) -> None:
+        self._log.warning("cloud_redirected", server=server)
+        await self._buffer.remember_server(self.device.token, server)
+
+    def _next_parked_pin(self) -> float:
+        now = self._clock()
+        for pin, (until, _) in list(self._parked_pins.items()):
+            if until <= now:
+                del self._parked_pins[pin]
+                self._history_due = True
+        return min((until for until, _ in self._parked_pins.values()), default=math.inf)
+
+    @property
+    def parked_pins(self) -> dict[int, str]:
+        """Pins refused by the cloud, with the reason."""
+        return {pin: reason for pin, (_, reason) in self._parked_pins.items()}
+
+    # waiting ------------------------------------------------------------------------------------
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+    async def _sleep_until(self, when: float, *, wakeable: bool) -> None:
+        delay = when - self._clock()
+        if delay <= 0:
+            return
+        if not wakeable:
+            await asyncio.sleep(delay)
+            return
+        timeout = None if math.isinf(delay) else delay
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)

@@ -1,0 +1,123 @@
+"""structlog setup: JSON lines for journald, a console view on a terminal, tokens redacted everywhere."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "***"
+_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+
+_secrets: tuple[str, ...] = ()
+
+
+def redact(text: str) -> str:
+    """Remove every known token and every `token=` query value from a text."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _TOKEN_IN_TEXT.sub(r"\1" + REDACTED, text)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redact_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_value(item) for item in value)
+    if isinstance(value, BaseException):
+        return redact(f"{type(value).__name__}: {value}")
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact(str(value))
+
+
+def redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: redact secrets in every value of the event."""
+    for key, value in list(event_dict.items()):
+        if not key.startswith("_"):
+            event_dict[key] = _redact_value(value)
+    return event_dict
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    *,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> None:
+    """Route structlog and stdlib logging through one redacting renderer."""
+    global _secrets  # noqa: PLW0603 (one process-wide set of secrets, set once at start)
+    _secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+    out = stream or sys.stderr
+    as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback)
+    )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        timestamper,
+    ]
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact_processor,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    root.setLevel(numeric)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=False,
+    )
+
+
+class Throttle:
+    """Allow `per_minute` events a minute; count the rest so a summary can say how many were held back."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_minute = per_minute
+        self._window_start = 0.0
+        self._allowed = 0
+        self.suppressed = 0
+
+    def allow(self, now: float | None = None) -> bool:
+        """Return True if this event may be logged."""
+        now = time.monotonic() if now is None else now
+        if now - self._window_start >= 60.0:
+            self._window_start = now
+            self._allowed = 0
+        if self._allowed < self._per_minute:
+            self._allowed += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        """Return and reset the count of held-back events."""
+        count, self.suppressed = self.suppressed, 0
+        return count
