@@ -231,11 +231,11 @@ class Daemon:
             await asyncio.sleep(SNAPSHOT_INTERVAL_S)
 
 
-async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]], timeout: float) -> None:
+async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]], within_s: float) -> None:
     for task in tasks:
         task.cancel()
     if tasks:
-        await asyncio.wait(tasks, timeout=timeout)
+        await asyncio.wait(tasks, timeout=within_s)
 
 
 async def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | None = None) -> None:

@@ -8,8 +8,8 @@ import math
 import os
 import sqlite3
 import tempfile
-import tty
 import time
+import tty
 from collections import Counter
 from pathlib import Path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -45,10 +46,8 @@ class Pty:
 
     def close(self) -> None:
         for fd in (self.master, self.slave):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 @pytest.fixture
@@ -201,12 +200,12 @@ def daemon_factory() -> Iterator[Callable[[Path], DaemonProcess]]:
         process.cleanup()
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> None:
-    """Poll `condition` until it holds or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+async def wait_for(condition: Callable[[], bool], within_s: float = 10.0, interval: float = 0.05) -> None:
+    """Poll `condition` until it holds or fail after `within_s` seconds."""
+    deadline = time.monotonic() + within_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within_s} s")
         await asyncio.sleep(interval)
 
 
