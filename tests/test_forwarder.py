@@ -1,0 +1,271 @@
+"""The forwarder against cloudsim on loopback, with a real SQLite buffer: paths, limits, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from edgeforward.buffer import Buffer
+from edgeforward.cloudsim import CloudSim, SimDevice, SimLimits
+from edgeforward.config import Config, parse_config
+from edgeforward.forwarder import DeviceState, Forwarder, build_history_batch, next_utc_day_s, next_utc_month_s
+from edgeforward.points import PinType, Point
+
+from .conftest import TOKEN, wait_for
+
+PINS = {"v1": "double", "v2": "integer", "v3": "string", "v4": "location"}
+SIM_PINS = {1: PinType.DOUBLE, 2: PinType.INTEGER, 3: PinType.STRING, 4: PinType.LOCATION}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def make_config(tmp_path: Path, server: str, *, limits: dict[str, Any] | None = None, live: float = 0.2) -> Config:
+    return parse_config(
+        {
+            "cloud": {"server": server, "timeout_s": 2, "limits": limits or {}},
+            "buffer": {"path": str(tmp_path / "buffer.db")},
+            "forward": {
+                "live_interval_s": live,
+                "history_interval_s": 0.2,
+                "retry_initial_s": 0.05,
+                "retry_max_s": 0.2,
+                "park_recheck_s": 0.5,
+            },
+            "device": [{"name": "pump", "token": TOKEN, "pins": PINS}],
+        },
+        tmp_path / "edgeforward.toml",
+    )
+
+
+@dataclass
+class Rig:
+    buffer: Buffer
+    forwarder: Forwarder
+
+    async def ledger(self) -> dict[str, int]:
+        return await self.buffer.ledger("pump")
+
+    async def drained(self, within_s: float = 15.0) -> dict[str, int]:
+        counts: dict[str, int] = {}
+
+        async def check() -> bool:
+            nonlocal counts
+            counts = await self.ledger()
+            return counts["queued"] == 0 and counts["received"] > 0
+
+        deadline = time.monotonic() + within_s
+        while not await check():
+            assert time.monotonic() < deadline, f"not drained: {counts}"
+            await asyncio.sleep(0.05)
+        return counts
+
+
+@asynccontextmanager
+async def rig(config: Config, backlog: Sequence[Point] = ()) -> AsyncIterator[Rig]:
+    buffer = Buffer(Path(config.buffer.path))
+    await buffer.open()
+    writer = asyncio.create_task(buffer.run_writer())
+    if backlog:
+        await buffer.submit(list(backlog))
+    async with aiohttp.ClientSession() as session:
+        forwarder = Forwarder(config.devices[0], buffer, session, config.cloud, config.forward)
+        buffer.add_listener(lambda committed: [forwarder.notify(c.pins) for c in committed])
+        task = asyncio.create_task(forwarder.run())
+        try:
+            yield Rig(buffer, forwarder)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            buffer.stop_writer()
+            await writer
+            await buffer.close()
+
+
+def adds_up(counts: dict[str, int]) -> bool:
+    return counts["received"] == sum(v for k, v in counts.items() if k != "received")
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[CloudSim]:
+    cloud = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS)])
+    await cloud.start()
+    yield cloud
+    await cloud.stop()
+
+
+async def test_fresh_values_go_live_and_backlog_by_history(tmp_path: Path, sim: CloudSim) -> None:
+    config = make_config(tmp_path, str(sim.url))
+    old = now_ms() - 3_600_000
+    backlog = [Point("pump", 2, old + i, i) for i in range(50)]
+    async with rig(config, backlog) as r:
+        await r.buffer.submit([Point("pump", 1, now_ms(), 21.5), Point("pump", 4, now_ms(), (24.1, 56.9))])
+        counts = await r.drained()
+    assert counts["delivered_history"] == 50 and counts["delivered_live"] == 2 and adds_up(counts)
+    paths = {(p.pin, p.path) for p in sim.points(TOKEN)}
+    assert paths == {(2, "history"), (1, "live"), (4, "update")}
+    assert [p.ts_ms for p in sim.points(TOKEN, 2)] == [old + i for i in range(50)]
+    assert sim.points(TOKEN, 4)[0].value == (24.1, 56.9)
+
+
+async def test_no_live_path_sends_everything_timestamped(tmp_path: Path, sim: CloudSim) -> None:
+    config = make_config(tmp_path, str(sim.url), live=0)
+    stamp = now_ms()
+    async with rig(config) as r:
+        await r.buffer.submit([Point("pump", 1, stamp + i, float(i)) for i in range(5)])
+        counts = await r.drained()
+    assert counts["delivered_history"] == 5 and counts["delivered_live"] == 0
+    assert [p.ts_ms for p in sim.points(TOKEN, 1)] == [stamp + i for i in range(5)]
+
+
+async def test_batch_size_and_request_bytes_never_exceeded(tmp_path: Path) -> None:
+    cloud = CloudSim(
+        [SimDevice(TOKEN, "pump", SIM_PINS)], limits=SimLimits(batch_max_points=100, max_request_bytes=4096)
+    )
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url), limits={"batch_max_points": 100, "max_request_bytes": 4096}, live=0)
+    old = now_ms() - 60_000
+    backlog = [Point("pump", 3, old + i, f"reading number {i} " + "x" * 40) for i in range(500)]
+    async with rig(config, backlog) as r:
+        counts = await r.drained()
+    await cloud.stop()
+    assert counts["delivered_history"] == 500
+    assert all(req.status == 200 for req in cloud.requests)
+    assert max(req.points for req in cloud.requests) <= 100
+
+
+async def test_requests_per_second_respected(tmp_path: Path) -> None:
+    cloud = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS)], limits=SimLimits(requests_per_second=5))
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url), limits={"requests_per_second": 5, "batch_max_points": 1}, live=0)
+    old = now_ms() - 60_000
+    async with rig(config, [Point("pump", 2, old + i, i) for i in range(12)]) as r:
+        counts = await r.drained()
+    await cloud.stop()
+    assert counts["delivered_history"] == 12
+    assert [req.status for req in cloud.requests] == [200] * 12
+
+
+async def test_daily_points_budget_waits_instead_of_being_refused(tmp_path: Path) -> None:
+    cloud = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS)], limits=SimLimits(points_per_day=30))
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url), limits={"points_per_day": 30}, live=0)
+    old = now_ms() - 60_000
+    async with rig(config, [Point("pump", 2, old + i, i) for i in range(50)]) as r:
+        await wait_for(lambda: len(cloud.points(TOKEN)) == 30, 10)
+        await asyncio.sleep(0.5)
+        counts = await r.ledger()
+        budget = await r.buffer.budget("pump", time.time())
+    await cloud.stop()
+    assert counts["delivered_history"] == 30 and counts["queued"] == 20
+    assert budget.points_day == 30
+    assert all(req.status == 200 for req in cloud.requests)
+
+
+async def test_poison_values_isolated_by_bisection(tmp_path: Path, sim: CloudSim) -> None:
+    config = make_config(tmp_path, str(sim.url), live=0)
+    old = now_ms() - 60_000
+    backlog: list[Point] = [Point("pump", 2, old + i, i) for i in range(64)]
+    backlog[10] = Point("pump", 2, old + 10, "ten")
+    backlog[50] = Point("pump", 2, old + 50, 50.5)
+    async with rig(config, backlog) as r:
+        counts = await r.drained()
+    assert counts["delivered_history"] == 62 and counts["rejected"] == 2 and adds_up(counts)
+    assert sorted(p.value for p in sim.points(TOKEN, 2)) == [i for i in range(64) if i not in (10, 50)]
+    requests = len(sim.requests)
+    assert requests <= 1 + 2 * 2 * 6  # about k * 2 * log2(n)
+
+
+async def test_undeclared_pin_parked_others_flow(tmp_path: Path, sim: CloudSim) -> None:
+    config = parse_config(
+        {
+            "cloud": {"server": str(sim.url), "timeout_s": 2},
+            "buffer": {"path": str(tmp_path / "buffer.db")},
+            "forward": {"live_interval_s": 0, "history_interval_s": 0.2},
+            "device": [{"name": "pump", "token": TOKEN, "pins": {**PINS, "v9": "double"}}],
+        },
+        tmp_path / "edgeforward.toml",
+    )
+    old = now_ms() - 60_000
+    backlog = [Point("pump", 9, old, 1.0), Point("pump", 1, old, 2.0)]
+    async with rig(config, backlog) as r:
+        await wait_for(lambda: len(sim.points(TOKEN, 1)) == 1, 10)
+        await wait_for(lambda: 9 in r.forwarder.parked_pins, 5)
+        counts = await r.ledger()
+    assert counts["queued"] == 1 and counts["delivered_history"] == 1
+    assert "No datastream" in r.forwarder.parked_pins[9]
+
+
+async def test_invalid_token_parks_and_keeps_points(tmp_path: Path) -> None:
+    cloud = CloudSim([SimDevice("another-token", "other", SIM_PINS)])
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url))
+    async with rig(config, [Point("pump", 1, now_ms(), 1.0)]) as r:
+        await wait_for(lambda: r.forwarder.state is DeviceState.PARKED, 5)
+        counts = await r.ledger()
+    await cloud.stop()
+    assert counts["queued"] == 1 and counts["delivered_live"] == 0
+    assert r.forwarder.reason == "Invalid token."
+
+
+async def test_regional_redirect_followed_and_remembered(tmp_path: Path) -> None:
+    regional = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS)])
+    regional_url = await regional.start()
+    home = CloudSim(redirects={TOKEN: regional_url}, accept_any_token=True)
+    await home.start()
+    config = make_config(tmp_path, str(home.url), live=0)
+    async with rig(config, [Point("pump", 1, now_ms() - 1000, 1.0)]) as r:
+        await r.drained()
+    async with rig(config, [Point("pump", 1, now_ms() - 500, 2.0)]) as r:
+        await r.drained()
+    await home.stop()
+    await regional.stop()
+    assert len(home.requests) == 1  # only the first request went to the wrong region
+    assert [p.value for p in regional.points(TOKEN, 1)] == [1.0, 2.0]
+
+
+async def test_old_points_expire_instead_of_being_refused(tmp_path: Path) -> None:
+    cloud = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS)], limits=SimLimits(max_age_days=1))
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url), limits={"max_age_days": 1}, live=0)
+    backlog = [Point("pump", 1, now_ms() - 2 * 86_400_000, 1.0), Point("pump", 1, now_ms() - 60_000, 2.0)]
+    async with rig(config, backlog) as r:
+        counts = await r.drained()
+    await cloud.stop()
+    assert counts["expired"] == 1 and counts["delivered_history"] == 1 and adds_up(counts)
+    assert all(req.status == 200 for req in cloud.requests)
+
+
+async def test_outage_then_recovery_resumes(tmp_path: Path, sim: CloudSim) -> None:
+    config = make_config(tmp_path, str(sim.url), live=0)
+    sim.outage = "reset"
+    async with rig(config, [Point("pump", 1, now_ms(), 1.0)]) as r:
+        await wait_for(lambda: r.forwarder.state is DeviceState.OFFLINE, 5)
+        sim.outage = None
+        counts = await r.drained()
+        assert r.forwarder.state is DeviceState.ONLINE
+    assert counts["delivered_history"] == 1
+
+
+def test_history_batch_respects_bytes() -> None:
+    from edgeforward.buffer import QueuedPoint
+
+    points = [QueuedPoint(i, 1, 1_764_000_000_000 + i, "1.5") for i in range(100)]
+    batch = build_history_batch(points, 200)
+    assert len(batch.body) <= 200
+    assert batch.body.startswith(b"[[1764000000000,1.5],")
+    assert len(batch.points) == (200 - 2) // len(b"[1764000000000,1.5],")
+
+
+def test_budget_reset_times() -> None:
+    assert next_utc_day_s(1_764_000_000) == 1_764_028_800
+    assert next_utc_month_s(1_764_000_000) == 1_764_547_200  # 2025-12-01T00:00:00Z
