@@ -92,8 +92,8 @@ def _load(args: argparse.Namespace) -> Config:
 def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.log.level, config.log.format, secrets=config.tokens, stream=sys.stdout)
-    from .daemon import run_daemon
     from .buffer import BufferError
+    from .daemon import run_daemon
 
     try:
         asyncio.run(run_daemon(config))

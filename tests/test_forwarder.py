@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edgeforward.buffer import Buffer
+from edgeforward.buffer import Buffer, Committed
 from edgeforward.cloudsim import CloudSim, SimDevice, SimLimits
 from edgeforward.config import Config, parse_config
 from edgeforward.forwarder import DeviceState, Forwarder, build_history_batch, next_utc_day_s, next_utc_month_s
@@ -79,7 +79,12 @@ async def rig(config: Config, backlog: Sequence[Point] = ()) -> AsyncIterator[Ri
         await buffer.submit(list(backlog))
     async with aiohttp.ClientSession() as session:
         forwarder = Forwarder(config.devices[0], buffer, session, config.cloud, config.forward)
-        buffer.add_listener(lambda committed: [forwarder.notify(c.pins) for c in committed])
+
+        def notify(committed: Sequence[Committed]) -> None:
+            for item in committed:
+                forwarder.notify(item.pins)
+
+        buffer.add_listener(notify)
         task = asyncio.create_task(forwarder.run())
         try:
             yield Rig(buffer, forwarder)
