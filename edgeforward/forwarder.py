@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import collections
 import contextlib
 import enum
 import functools
@@ -136,6 +137,9 @@ class Forwarder:
         self._last_success_recorded = 0.0
         self.state = DeviceState.UNKNOWN
         self.reason: str | None = None
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.last_success_s: float | None = None
+        self.last_attempt_s: float | None = None
         self._log = log.bind(device=device.name)
         self._client: BlynkClient | None = None
 
@@ -185,9 +189,11 @@ class Forwarder:
                     next_history = now + self._forward.history_interval_s
                 backoff.reset()
             except TransientError as exc:
+                self.outcomes["transient"] += 1
                 await self._go_offline(str(exc), exc.retry_after_s or backoff.next(), backoff.attempt)
                 continue
             except RefusedError as exc:
+                self.outcomes[f"refused_{exc.refusal.value}"] += 1
                 if exc.refusal is Refusal.INVALID_TOKEN:
                     await self._park(exc.message)
                     continue
@@ -250,6 +256,7 @@ class Forwarder:
         except RefusedError as exc:
             if exc.refusal in (Refusal.INVALID_TOKEN, Refusal.QUOTA):
                 raise
+            self.outcomes[f"refused_{exc.refusal.value}"] += 1
             # The live GET cannot say which value it refused: the history path sorts it out per pin.
             self._live_excluded.update(p.id for p in points)
             self._log.info("live_refused", reason=exc.message, pins=[p.pin for p in points])
@@ -294,6 +301,7 @@ class Forwarder:
         try:
             await self._client.history(pin, batch.body, len(points))
         except RefusedError as exc:
+            self.outcomes[f"refused_{exc.refusal.value}"] += 1
             await self._history_refused(pin, points, exc)
             return
         await self._buffer.deliver(self.device.name, [p.id for p in points], "history")
@@ -329,6 +337,7 @@ class Forwarder:
     # budgets ------------------------------------------------------------------------------------
 
     async def _spend(self, points: int) -> None:
+        self.last_attempt_s = self._clock()
         self._budget = await self._buffer.spend(self.device.name, self._clock(), messages=1, points=points)
 
     def _current_budget(self, now: float) -> Budget:
@@ -382,6 +391,8 @@ class Forwarder:
 
     async def _succeeded(self) -> None:
         now = self._clock()
+        self.outcomes["ok"] += 1
+        self.last_success_s = now
         if self.state is not DeviceState.ONLINE or self.reason is not None:
             if self.state is DeviceState.OFFLINE:
                 self._log.info("cloud_reachable_again")
