@@ -177,7 +177,10 @@ class BlynkClient:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise TransientError(_describe(exc)) from None
             if redirect:
-                await self._follow(_origin(str(location), server))
+                target = _origin(str(location), server)
+                if target.startswith("http://") and server.startswith("https://"):
+                    raise TransientError("refused a redirect from https to plain http")
+                await self._follow(target)
                 server = self.server
                 continue
             if status == 429 or status >= 500:
@@ -222,6 +225,8 @@ def _origin(location: str, current: str) -> str:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS: {exc.os_error}" if exc.os_error else f"TLS: {exc}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     return f"{type(exc).__name__}: {exc}"

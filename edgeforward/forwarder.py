@@ -30,7 +30,7 @@ EXPIRE_INTERVAL_S = 60.0
 EXPIRE_MARGIN_S = 600.0
 PARK_RECHECK_S = 300.0
 PIN_PARK_RECHECK_S = 600.0
-UNKNOWN_REFUSAL_RETRY_S = 60.0
+UNKNOWN_REFUSALS_BEFORE_BISECTION = 3
 BODY_MARGIN_BYTES = 256
 SUCCESS_RECORD_INTERVAL_S = 10.0
 
@@ -132,6 +132,7 @@ class Forwarder:
         self._live_excluded: set[int] = set()
         self._parked_pins: dict[int, tuple[float, str]] = {}
         self._batch_cap = self._limits.batch_max_points
+        self._unknown_refusals: dict[tuple[int, int, int], int] = {}
         self._budget: Budget | None = None
         self._next_expire = 0.0
         self._last_success_recorded = 0.0
@@ -196,9 +197,13 @@ class Forwarder:
                 self.outcomes[f"refused_{exc.refusal.value}"] += 1
                 if exc.refusal is Refusal.INVALID_TOKEN:
                     await self._park(exc.message)
-                    continue
-                await self._set_state(DeviceState.ONLINE, f"refused: {exc.message}")
-                await self._sleep(UNKNOWN_REFUSAL_RETRY_S)
+                elif exc.refusal is Refusal.QUOTA:
+                    await self._wait_for_quota(exc.message)
+                else:
+                    # Unknown refusals are retried slowly; _history_refused bisects a batch that keeps failing.
+                    self._log.warning("request_refused", reason=exc.message, status=exc.status)
+                    await self._set_state(DeviceState.ONLINE, f"refused: {exc.message}")
+                    await self._sleep(self._forward.retry_max_s)
                 continue
             except _Wait as wait:
                 self._log.info("forward_waiting", reason=wait.reason, seconds=round(wait.until_s - self._clock()))
@@ -293,7 +298,7 @@ class Forwarder:
         await self._send_batch(pin, batch.points)
         return pin not in self._parked_pins
 
-    async def _send_batch(self, pin: int, points: Sequence[QueuedPoint]) -> None:
+    async def _send_batch(self, pin: int, points: Sequence[QueuedPoint], *, bisecting: bool = False) -> None:
         assert self._client is not None
         self._check_messages()
         self._check_points(len(points))
@@ -302,36 +307,40 @@ class Forwarder:
             await self._client.history(pin, batch.body, len(points))
         except RefusedError as exc:
             self.outcomes[f"refused_{exc.refusal.value}"] += 1
-            await self._history_refused(pin, points, exc)
+            await self._history_refused(pin, points, exc, bisecting=bisecting)
             return
         await self._buffer.deliver(self.device.name, [p.id for p in points], "history")
         await self._succeeded()
 
-    async def _history_refused(self, pin: int, points: Sequence[QueuedPoint], exc: RefusedError) -> None:
-        if exc.refusal is Refusal.VALUE:
+    async def _history_refused(
+        self, pin: int, points: Sequence[QueuedPoint], exc: RefusedError, *, bisecting: bool
+    ) -> None:
+        refusal = exc.refusal
+        if refusal is Refusal.UNKNOWN and not bisecting:
+            key = (pin, points[0].id, len(points))
+            self._unknown_refusals[key] = self._unknown_refusals.get(key, 0) + 1
+            if self._unknown_refusals[key] < UNKNOWN_REFUSALS_BEFORE_BISECTION:
+                raise exc
+            del self._unknown_refusals[key]
+            self._log.warning("batch_keeps_failing", pin=f"v{pin}", points=len(points), reason=exc.message)
+        if refusal is Refusal.TOO_LARGE and len(points) > 1:
+            self._batch_cap = max(1, len(points) // 2)
+            self._log.warning("batch_too_large", points=len(points), new_cap=self._batch_cap)
+            return
+        if refusal in (Refusal.VALUE, Refusal.UNKNOWN, Refusal.TOO_LARGE):
             if len(points) == 1:
                 await self._buffer.reject(self.device.name, points, exc.message)
                 self._log.warning("point_rejected", pin=f"v{pin}", ts=points[0].ts_ms, reason=exc.message)
                 return
             # Poison isolation: halve until the refused points stand alone; the rest is delivered.
             middle = len(points) // 2
-            await self._send_batch(pin, points[:middle])
-            await self._send_batch(pin, points[middle:])
+            await self._send_batch(pin, points[:middle], bisecting=True)
+            await self._send_batch(pin, points[middle:], bisecting=True)
             return
-        if exc.refusal is Refusal.PIN:
+        if refusal is Refusal.PIN:
             self._parked_pins[pin] = (self._clock() + PIN_PARK_RECHECK_S, exc.message)
             self._log.warning("pin_parked", pin=f"v{pin}", reason=exc.message, recheck_s=PIN_PARK_RECHECK_S)
             return
-        if exc.refusal is Refusal.TOO_LARGE and len(points) == 1:
-            await self._buffer.reject(self.device.name, points, exc.message)
-            self._log.warning("point_rejected", pin=f"v{pin}", ts=points[0].ts_ms, reason=exc.message)
-            return
-        if exc.refusal is Refusal.TOO_LARGE:
-            self._batch_cap = max(1, len(points) // 2)
-            self._log.warning("batch_too_large", points=len(points), new_cap=self._batch_cap)
-            return
-        if exc.refusal is Refusal.QUOTA:
-            raise _Wait(next_utc_day_s(self._clock()), f"cloud quota: {exc.message}")
         raise exc
 
     # budgets ------------------------------------------------------------------------------------
@@ -418,6 +427,13 @@ class Forwarder:
         await self._set_state(DeviceState.OFFLINE, reason)
         await self._sleep(delay)
 
+    async def _wait_for_quota(self, message: str) -> None:
+        now = self._clock()
+        until = next_utc_month_s(now) if "month" in message.lower() else next_utc_day_s(now)
+        self._log.warning("cloud_quota_reached", reason=message, seconds=round(until - now))
+        await self._set_state(DeviceState.ONLINE, f"quota: {message}")
+        await self._sleep_until(until, wakeable=False)
+
     async def _park(self, reason: str) -> None:
         if self.state is not DeviceState.PARKED:
             self._log.error("device_parked", reason=reason, recheck_s=self._forward.park_recheck_s)
@@ -425,7 +441,7 @@ class Forwarder:
         await self._sleep(self._forward.park_recheck_s)
 
     async def _remember_server(self, server: str) -> None:
-        self._log.warning("cloud_redirected", server=server)
+        self._log.info("cloud_redirected", server=server)
         await self._buffer.remember_server(self.device.token, server)
 
     def _next_parked_pin(self) -> float:
