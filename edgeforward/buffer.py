@@ -624,6 +624,18 @@ class Buffer:
         ) as cursor:
             return [QueuedPoint(row[0], pin, row[1], row[2]) async for row in cursor]
 
+    async def count_queued(self, device: str, pin: int, *, max_id: int | None = None, before_ts: int | None = None) -> int:
+        """Count a pin's queued points (row id <= max_id, timestamp < before_ts)."""
+        device_id = self._device_ids.get(device)
+        if device_id is None:
+            return 0
+        async with self._reader().execute(
+            "SELECT COUNT(*) FROM points WHERE device_id = ? AND pin = ? AND id <= ? AND ts < ?",
+            (device_id, pin, max_id if max_id is not None else 2**63 - 1, before_ts if before_ts is not None else 2**63 - 1),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def max_id(self) -> int:
         """Return the highest point row id ever committed so far."""
         async with self._reader().execute("SELECT COALESCE(MAX(id), 0) FROM points") as cursor:

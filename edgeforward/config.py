@@ -80,6 +80,8 @@ class ForwardConfig(_Table, frozen=True):
     retry_initial_s: PositiveFloat = 1.0
     retry_max_s: PositiveFloat = 60.0
     park_recheck_s: PositiveFloat = 300.0
+    live_share: Annotated[float, Meta(ge=0, le=1)] = 0.5
+    over_quota: Literal["defer", "downsample"] = "defer"
 
 
 class NmeaPins(_Table, frozen=True):
@@ -111,6 +113,7 @@ class PinSpec(_Table, frozen=True):
     type: PinType
     min: float | None = None
     max: float | None = None
+    priority: PositiveFloat = 1.0
 
 
 class _DeviceTable(_Table, frozen=True):
@@ -126,6 +129,7 @@ class MetricsConfig(_Table, frozen=True):
     """Prometheus metrics and health endpoint (off unless `listen` is set)."""
 
     listen: str | None = None
+    stale_after_s: PositiveFloat = 900.0
 
 
 class LogConfig(_Table, frozen=True):
@@ -343,9 +347,7 @@ def _resolve_token(table: _DeviceTable, where: str, base: Path, problems: list[s
     return token
 
 
-def _parse_ports(
-    items: list[Any], devices: tuple[Device, ...], problems: list[str]
-) -> tuple[PortConfig, ...]:
+def _parse_ports(items: list[Any], devices: tuple[Device, ...], problems: list[str]) -> tuple[PortConfig, ...]:
     ports: list[PortConfig] = []
     names = {device.name for device in devices}
     paths: set[str] = set()

@@ -20,6 +20,7 @@ import structlog
 from .blynk import BlynkClient, RateLimiter, Refusal, RefusedError, TransientError
 from .buffer import Budget, Buffer, QueuedPoint, utc_day, utc_month
 from .config import CloudConfig, Device, ForwardConfig
+from .planner import PinBacklog, allocate_points, history_messages_left, live_interval_s
 from .points import value_from_json
 
 log = structlog.get_logger(__name__)
@@ -47,10 +48,11 @@ class DeviceState(enum.StrEnum):
 class _Wait(Exception):
     """Nothing can be sent until `until_s` (a budget is spent or the cloud asked us to wait)."""
 
-    def __init__(self, until_s: float, reason: str) -> None:
+    def __init__(self, until_s: float, reason: str, *, history_only: bool = False) -> None:
         super().__init__(reason)
         self.until_s = until_s
         self.reason = reason
+        self.history_only = history_only
 
 
 class Backoff:
@@ -133,6 +135,8 @@ class Forwarder:
         self._parked_pins: dict[int, tuple[float, str]] = {}
         self._batch_cap = self._limits.batch_max_points
         self._unknown_refusals: dict[tuple[int, int, int], int] = {}
+        self._history_blocked_until = 0.0
+        self.live_interval_s = forward.live_interval_s
         self._budget: Budget | None = None
         self._next_expire = 0.0
         self._last_success_recorded = 0.0
@@ -174,7 +178,7 @@ class Forwarder:
             try:
                 await self._expire_if_due(now)
                 if live and self._dirty and now >= next_live:
-                    next_live = now + self._forward.live_interval_s
+                    next_live = now + min(self._live_interval(now), next_utc_month_s(now) - now)
                     await self._live_tick(now)
                     self._history_due = True
                 if not live and self._dirty:
@@ -183,7 +187,7 @@ class Forwarder:
                     self._history_due = True
                 if (
                     self._history_due
-                    and now >= next_history
+                    and now >= max(next_history, self._history_blocked_until)
                     and await self._history_round(next_live if live else math.inf)
                 ):
                     self._history_due = False
@@ -206,12 +210,15 @@ class Forwarder:
                     await self._sleep(self._forward.retry_max_s)
                 continue
             except _Wait as wait:
-                self._log.info("forward_waiting", reason=wait.reason, seconds=round(wait.until_s - self._clock()))
-                await self._sleep_until(wait.until_s, wakeable=False)
-                continue
+                if wait.until_s > self._history_blocked_until:
+                    self._log.info("forward_waiting", reason=wait.reason, seconds=round(wait.until_s - self._clock()))
+                if not wait.history_only:
+                    await self._sleep_until(wait.until_s, wakeable=False)
+                    continue
+                self._history_blocked_until = wait.until_s
             wake_at = min(
                 next_live if (live and self._dirty) else math.inf,
-                next_history if self._history_due else math.inf,
+                max(next_history, self._history_blocked_until) if self._history_due else math.inf,
                 self._next_parked_pin(),
             )
             await self._sleep_until(wake_at, wakeable=True)
@@ -255,7 +262,7 @@ class Forwarder:
         return fitted
 
     async def _send_live(self, points: list[QueuedPoint], send: Callable[[], Awaitable[None]]) -> None:
-        self._check_messages()
+        self._check_messages(live=True)
         try:
             await send()
         except RefusedError as exc:
@@ -274,29 +281,53 @@ class Forwarder:
     async def _history_round(self, live_due: float) -> bool:
         """Send history batches (pins in turn, oldest first); False if stopped early for a live tick."""
         pins = [p for p in await self._buffer.pins_queued(self.device.name) if p not in self._parked_pins]
+        allocation = await self._allocate(pins)
         while pins:
             for pin in list(pins):
                 if self._dirty and self._clock() >= live_due:
                     return False
-                if not await self._send_history_batch(pin):
+                allowed = self._batch_cap if allocation is None else min(self._batch_cap, allocation[pin])
+                handled = await self._send_history_batch(pin, allowed) if allowed > 0 else 0
+                if allocation is not None:
+                    allocation[pin] -= handled
+                if handled == 0 or pin in self._parked_pins:
                     pins.remove(pin)
         return True
 
-    async def _send_history_batch(self, pin: int) -> bool:
-        """Send one batch of a pin's history; False when the pin has nothing more to send now."""
+    async def _allocate(self, pins: list[int]) -> dict[int, int] | None:
+        """Share today's points among pins (urgent first, then by priority); None when points are unlimited."""
         now = self._clock()
         room = self._points_room(now)
-        limit = min(self._batch_cap, room)
+        if room is None:
+            return None
+        urgent_before = int((next_utc_day_s(now) - self._limits.max_age_days * 86400 + EXPIRE_MARGIN_S) * 1000)
+        backlogs = []
+        for pin in pins:
+            spec = self.device.pins.get(pin)
+            backlogs.append(
+                PinBacklog(
+                    pin,
+                    await self._buffer.count_queued(self.device.name, pin, max_id=self._horizon),
+                    await self._buffer.count_queued(
+                        self.device.name, pin, max_id=self._horizon, before_ts=urgent_before
+                    ),
+                    spec.priority if spec is not None else 1.0,
+                )
+            )
+        return allocate_points(backlogs, room)
+
+    async def _send_history_batch(self, pin: int, limit: int) -> int:
+        """Send one batch of at most `limit` of a pin's points; return how many were handled (0: none left)."""
+        now = self._clock()
         points = await self._buffer.oldest(self.device.name, pin, limit, max_id=self._horizon)
         if not points:
-            return False
-        cutoff_ms = self._expiry_cutoff_ms(now)
-        if points[0].ts_ms < cutoff_ms:
+            return 0
+        if points[0].ts_ms < self._expiry_cutoff_ms(now):
             await self._expire(now)
-            return True
+            return 1
         batch = build_history_batch(points, self._limits.max_request_bytes - BODY_MARGIN_BYTES)
         await self._send_batch(pin, batch.points)
-        return pin not in self._parked_pins
+        return len(batch.points)
 
     async def _send_batch(self, pin: int, points: Sequence[QueuedPoint], *, bisecting: bool = False) -> None:
         assert self._client is not None
@@ -359,24 +390,46 @@ class Forwarder:
             budget.messages_month if budget.month == month else 0,
         )
 
-    def _check_messages(self) -> None:
+    def _messages_left(self, now: float) -> int | None:
         limit = self._limits.messages_per_month
-        now = self._clock()
-        if limit and self._current_budget(now).messages_month >= limit:
-            raise _Wait(next_utc_month_s(now), "monthly messages spent")
+        if not limit:
+            return None
+        return max(0, limit - self._current_budget(now).messages_month)
 
-    def _points_room(self, now: float) -> int:
+    def _live_interval(self, now: float) -> float:
+        """The live interval in effect: never faster than configured, slower when messages run short."""
+        interval = live_interval_s(
+            self._forward.live_interval_s,
+            self._messages_left(now),
+            next_utc_month_s(now) - now,
+            self._forward.live_share,
+        )
+        if interval != self.live_interval_s:
+            self._log.info("live_interval_changed", seconds=None if math.isinf(interval) else round(interval, 1))
+            self.live_interval_s = interval
+        return interval
+
+    def _check_messages(self, *, live: bool = False) -> None:
+        now = self._clock()
+        left = self._messages_left(now)
+        if not live:
+            left = history_messages_left(left, self._forward.live_share, self._forward.live_interval_s > 0)
+        if left is not None and left < 1:
+            raise _Wait(next_utc_month_s(now), "monthly messages spent", history_only=not live)
+
+    def _points_room(self, now: float) -> int | None:
         limit = self._limits.points_per_day
         if not limit:
-            return self._batch_cap
+            return None
         room = limit - self._current_budget(now).points_day
         if room <= 0:
-            raise _Wait(next_utc_day_s(now), "daily points spent")
+            raise _Wait(next_utc_day_s(now), "daily points spent", history_only=True)
         return room
 
     def _check_points(self, count: int) -> None:
-        if self._points_room(self._clock()) < count:
-            raise _Wait(next_utc_day_s(self._clock()), "daily points spent")
+        room = self._points_room(self._clock())
+        if room is not None and room < count:
+            raise _Wait(next_utc_day_s(self._clock()), "daily points spent", history_only=True)
 
     # expiry -------------------------------------------------------------------------------------
 

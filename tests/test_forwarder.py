@@ -274,3 +274,52 @@ def test_history_batch_respects_bytes() -> None:
 def test_budget_reset_times() -> None:
     assert next_utc_day_s(1_764_000_000) == 1_764_028_800
     assert next_utc_month_s(1_764_000_000) == 1_764_547_200  # 2025-12-01T00:00:00Z
+
+
+async def test_strict_quotas_backlog_uses_the_day_and_then_waits(tmp_path: Path) -> None:
+    limits = {"points_per_day": 3000, "messages_per_month": 0, "batch_max_points": 500}
+    cloud = CloudSim(
+        [SimDevice(TOKEN, "pump", SIM_PINS)],
+        limits=SimLimits(points_per_day=3000, batch_max_points=500),
+    )
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url), limits=limits, live=0.2)
+    old = now_ms() - 3_600_000
+    backlog = [Point("pump", 2, old + i, i) for i in range(6000)] + [Point("pump", 1, old + i, float(i)) for i in range(4000)]
+    async with rig(config, backlog) as r:
+        await wait_for(lambda: sum(1 for p in cloud.points(TOKEN) if p.path == "history") >= 2700, 20)
+        for i in range(5):
+            await r.buffer.submit([Point("pump", 1, now_ms(), 0.5 + i)])
+            await asyncio.sleep(0.25)
+        settled = len(cloud.requests)
+        await asyncio.sleep(1.0)
+        counts = await r.ledger()
+        budget = await r.buffer.budget("pump", time.time())
+    await cloud.stop()
+    history = [p for p in cloud.points(TOKEN) if p.path == "history"]
+    assert all(req.status == 200 for req in cloud.requests), [req.error for req in cloud.requests if req.status != 200]
+    assert 2700 <= len(history) <= 3000
+    assert budget.points_day <= 3000
+    assert {p.pin for p in history} == {1, 2}  # both pins got a share
+    assert counts["delivered_live"] >= 1  # live still flows while history waits for tomorrow
+    assert len(cloud.requests) - settled <= 1  # no hammering once the day's points are spent
+    assert adds_up(counts)
+
+
+async def test_live_paced_by_the_monthly_message_budget(tmp_path: Path) -> None:
+    cloud = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS)], limits=SimLimits(messages_per_month=400))
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url), limits={"messages_per_month": 400}, live=0.2)
+    async with rig(config) as r:
+        for i in range(10):
+            await r.buffer.submit([Point("pump", 1, now_ms(), float(i))])
+            await asyncio.sleep(0.1)
+        await wait_for(lambda: len(cloud.requests) >= 1, 5)
+        await asyncio.sleep(0.5)
+        interval = r.forwarder.live_interval_s
+    await cloud.stop()
+    seconds_left = next_utc_month_s(time.time()) - time.time()
+    assert interval >= seconds_left / (400 * 0.5) * 0.99
+    live_requests = [req for req in cloud.requests if req.method == "GET"]
+    assert len(live_requests) == 1  # one live update, then paced to the month's budget
+    assert all(req.status == 200 for req in cloud.requests)
