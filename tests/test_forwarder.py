@@ -285,7 +285,9 @@ async def test_strict_quotas_backlog_uses_the_day_and_then_waits(tmp_path: Path)
     await cloud.start()
     config = make_config(tmp_path, str(cloud.url), limits=limits, live=0.2)
     old = now_ms() - 3_600_000
-    backlog = [Point("pump", 2, old + i, i) for i in range(6000)] + [Point("pump", 1, old + i, float(i)) for i in range(4000)]
+    backlog = [Point("pump", 2, old + i, i) for i in range(6000)] + [
+        Point("pump", 1, old + i, float(i)) for i in range(4000)
+    ]
     async with rig(config, backlog) as r:
         await wait_for(lambda: sum(1 for p in cloud.points(TOKEN) if p.path == "history") >= 2700, 20)
         for i in range(5):
