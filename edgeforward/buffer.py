@@ -465,6 +465,10 @@ class Buffer:
         result: int = await self.run_op(op)
         return result
 
+    async def thin(self, device: str, ids: Sequence[int]) -> int:
+        """Delete points thinned out by the downsample policy and count them downsampled."""
+        return await self._remove(device, ids, "downsampled")
+
     async def _remove(self, device: str, ids: Sequence[int], column: str) -> int:
         device_id = await self.device_id(device)
 
@@ -613,14 +617,18 @@ class Buffer:
             row = await cursor.fetchone()
         return QueuedPoint(row[0], pin, row[1], row[2]) if row else None
 
-    async def oldest(self, device: str, pin: int, limit: int, *, max_id: int | None = None) -> list[QueuedPoint]:
-        """Return up to `limit` of a pin's queued points, oldest first, with row id <= max_id."""
+    async def oldest(
+        self, device: str, pin: int, limit: int, *, max_id: int | None = None, after: tuple[int, int] | None = None
+    ) -> list[QueuedPoint]:
+        """Return up to `limit` of a pin's queued points, oldest first, with row id <= max_id, past (ts, id) `after`."""
         device_id = self._device_ids.get(device)
         if device_id is None or limit <= 0:
             return []
+        after_ts, after_id = after if after is not None else (-(2**63), -1)
         async with self._reader().execute(
-            "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? ORDER BY ts, id LIMIT ?",
-            (device_id, pin, max_id if max_id is not None else 2**63 - 1, limit),
+            "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? "
+            "AND (ts > ? OR (ts = ? AND id > ?)) ORDER BY ts, id LIMIT ?",
+            (device_id, pin, max_id if max_id is not None else 2**63 - 1, after_ts, after_ts, after_id, limit),
         ) as cursor:
             return [QueuedPoint(row[0], pin, row[1], row[2]) async for row in cursor]
 

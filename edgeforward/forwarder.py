@@ -20,7 +20,7 @@ import structlog
 from .blynk import BlynkClient, RateLimiter, Refusal, RefusedError, TransientError
 from .buffer import Budget, Buffer, QueuedPoint, utc_day, utc_month
 from .config import CloudConfig, Device, ForwardConfig
-from .planner import PinBacklog, allocate_points, history_messages_left, live_interval_s
+from .planner import PinBacklog, allocate_points, downsample_keep, history_messages_left, live_interval_s
 from .points import value_from_json
 
 log = structlog.get_logger(__name__)
@@ -33,6 +33,7 @@ PARK_RECHECK_S = 300.0
 PIN_PARK_RECHECK_S = 600.0
 UNKNOWN_REFUSALS_BEFORE_BISECTION = 3
 BODY_MARGIN_BYTES = 256
+THIN_CHUNK_POINTS = 50_000
 SUCCESS_RECORD_INTERVAL_S = 10.0
 
 
@@ -105,6 +106,15 @@ def next_utc_month_s(now_s: float) -> float:
     now = time.gmtime(now_s)
     year, month = (now.tm_year + 1, 1) if now.tm_mon == 12 else (now.tm_year, now.tm_mon + 1)
     return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def _numeric(value_json: str) -> float:
+    """A number standing for a stored value when thinning (non-numbers all look alike)."""
+    try:
+        value = float(value_json)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 class Forwarder:
@@ -314,7 +324,32 @@ class Forwarder:
                     spec.priority if spec is not None else 1.0,
                 )
             )
-        return allocate_points(backlogs, room)
+        allocation = allocate_points(backlogs, room)
+        if self._forward.over_quota == "downsample":
+            for backlog in backlogs:
+                if backlog.urgent > allocation[backlog.pin]:
+                    await self._thin(backlog.pin, backlog.urgent, allocation[backlog.pin])
+        return allocation
+
+    async def _thin(self, pin: int, urgent: int, keep: int) -> None:
+        """Thin the points that would expire before the budget reaches them, keeping each bucket's extremes."""
+        ratio = keep / urgent
+        thinned = 0
+        remaining = urgent
+        cursor: tuple[int, int] | None = None
+        while remaining > 0:
+            chunk = await self._buffer.oldest(
+                self.device.name, pin, min(THIN_CHUNK_POINTS, remaining), max_id=self._horizon, after=cursor
+            )
+            if not chunk:
+                break
+            values = [_numeric(p.value_json) for p in chunk]
+            kept = set(downsample_keep([p.ts_ms for p in chunk], values, max(1, math.ceil(len(chunk) * ratio))))
+            thinned += await self._buffer.thin(self.device.name, [p.id for i, p in enumerate(chunk) if i not in kept])
+            remaining -= len(chunk)
+            cursor = (chunk[-1].ts_ms, chunk[-1].id)
+        if thinned:
+            self._log.warning("points_downsampled", pin=f"v{pin}", points=thinned, kept_ratio=round(ratio, 3))
 
     async def _send_history_batch(self, pin: int, limit: int) -> int:
         """Send one batch of at most `limit` of a pin's points; return how many were handled (0: none left)."""

@@ -325,3 +325,32 @@ async def test_live_paced_by_the_monthly_message_budget(tmp_path: Path) -> None:
     live_requests = [req for req in cloud.requests if req.method == "GET"]
     assert len(live_requests) == 1  # one live update, then paced to the month's budget
     assert all(req.status == 200 for req in cloud.requests)
+
+
+async def test_downsample_thins_what_would_expire_and_keeps_extremes(tmp_path: Path) -> None:
+    cloud = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS)], limits=SimLimits(points_per_day=300, max_age_days=1))
+    await cloud.start()
+    base = make_config(tmp_path, str(cloud.url), limits={"points_per_day": 300, "max_age_days": 1}, live=0)
+    config = parse_config(
+        {
+            "cloud": {"server": str(cloud.url), "timeout_s": 2, "limits": {"points_per_day": 300, "max_age_days": 1}},
+            "buffer": {"path": base.buffer.path},
+            "forward": {"live_interval_s": 0, "history_interval_s": 0.2, "over_quota": "downsample"},
+            "device": [{"name": "pump", "token": TOKEN, "pins": PINS}],
+        },
+        tmp_path / "edgeforward.toml",
+    )
+    start = now_ms() - int(23.5 * 3_600_000)
+    values = [float((i * 37) % 1000) for i in range(3000)]
+    values[1234], values[2222] = -500.0, 5000.0
+    backlog = [Point("pump", 1, start + i * 600, values[i]) for i in range(3000)]
+    async with rig(config, backlog) as r:
+        await wait_for(lambda: len(cloud.points(TOKEN, 1)) >= 290, 15)
+        await asyncio.sleep(0.5)
+        counts = await r.ledger()
+    await cloud.stop()
+    sent = [p.value for p in cloud.points(TOKEN, 1)]
+    assert all(req.status == 200 for req in cloud.requests)
+    assert counts["downsampled"] >= 2600 and adds_up(counts)
+    assert counts["delivered_history"] == len(sent) <= 300
+    assert -500.0 in sent and 5000.0 in sent
