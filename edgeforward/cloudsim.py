@@ -8,8 +8,11 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
+import ssl
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +33,7 @@ CONTROL_PREFIX: Final = "/_sim/"
 
 CONNECTED_WINDOW_MS: Final = 60_000  # isHardwareConnected: a write within this window means online
 RATE_WINDOW_MS: Final = 1_000
-RETRY_AFTER_S: Final = 1
+RETRY_AFTER_S: Final = 1  # default Retry-After of a 429 (rate limit or fault mode)
 DAY_MS: Final = 86_400_000
 MAX_URL_BYTES: Final = 65_536  # request line limit (aiohttp's default of 8190 is too small for strings)
 STOP_GRACE_S: Final = 1.0  # how long stop() lets running handlers finish
@@ -56,8 +59,10 @@ MSG_NO_VALUE: Final = "No value for that pin yet."
 MSG_NOT_FOUND: Final = "Not found."
 MSG_METHOD: Final = "Method not allowed."
 MSG_UNAVAILABLE: Final = "Service unavailable."
+MSG_INTERNAL: Final = "Internal server error."
 
-OUTAGE_MODES: Final = ("503", "reset", "hang")
+OUTAGE_MODES: Final = ("503", "500", "429", "reset", "hang", "invalid_token")
+ERROR_MODE_PREFIX: Final = "error:"  # "error:<message>" answers 400 with that message
 PATH_LIVE: Final = "live"
 PATH_UPDATE: Final = "update"
 PATH_HISTORY: Final = "history"
@@ -112,6 +117,7 @@ class SimDevice:
     name: str = ""
     pins: Mapping[int, PinType] = field(default_factory=dict)
     ranges: Mapping[int, Bounds] = field(default_factory=dict)  # min/max clamping, like datastream settings
+    refuse: Mapping[int, str] = field(default_factory=dict)  # pin -> regex of value texts refused as a type mismatch
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,57 @@ def limits_from_config(limits: Limits) -> SimLimits:
         max_age_days=limits.max_age_days,
         max_future_days=limits.max_future_days,
     )
+
+
+def check_fault_mode(mode: str) -> str:
+    """Return mode if it is a fault mode (one of OUTAGE_MODES or "error:<message>"); raise SimError otherwise."""
+    if mode in OUTAGE_MODES:
+        return mode
+    if mode.startswith(ERROR_MODE_PREFIX) and mode[len(ERROR_MODE_PREFIX) :].strip():
+        return mode
+    raise SimError(f"fault mode must be one of {', '.join(OUTAGE_MODES)} or error:<message>, got {mode!r}")
+
+
+def check_fault_rates(rates: Mapping[str, float]) -> dict[str, float]:
+    """Return a copy of mode -> probability per API request; raise SimError unless each is in 0..1, sum <= 1."""
+    checked: dict[str, float] = {}
+    for mode, rate in rates.items():
+        check_fault_mode(mode)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise SimError(f"fault rate of {mode!r} must be a number in 0..1, got {rate!r}")
+        checked[mode] = float(rate)
+    if math.fsum(checked.values()) > 1:
+        raise SimError("fault rates must add up to at most 1")
+    return checked
+
+
+def parse_fault_rates(text: str) -> dict[str, float]:
+    """Parse "MODE:RATE,MODE:RATE" (e.g. "500:0.1,429:0.05,error:Quota exceeded.:0.01") for --fault."""
+    rates: dict[str, float] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        mode, sep, rate_text = item.strip().rpartition(":")
+        try:
+            rate = float(rate_text)
+        except ValueError:
+            rate = math.nan
+        if not sep or not math.isfinite(rate):
+            raise SimError(f'expected "MODE:RATE" with RATE in 0..1, got "{item.strip()}"')
+        if mode in rates:
+            raise SimError(f"fault mode {mode!r} is given twice")
+        rates[mode] = rate
+    return check_fault_rates(rates)
+
+
+def server_ssl_context(cert_file: Path, key_file: Path | None = None) -> ssl.SSLContext:
+    """A TLS server context from a PEM certificate chain and its key (None = the key is in cert_file)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SimError(f"cannot load TLS certificate {cert_file}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return context
 
 
 # --- value parsing (pure) ---------------------------------------------------------------------
@@ -381,9 +438,13 @@ class CloudSim:
         redirects: Mapping[str, str] | None = None,
         record_path: Path | None = None,
         clock: Callable[[], int] = now_ms,
+        fault_rates: Mapping[str, float] | None = None,
+        seed: int | None = None,
+        retry_after_s: float = RETRY_AFTER_S,
     ) -> None:
         """Set up the application; start() begins listening."""
         self._devices: dict[str, SimDevice] = {}
+        self._refuse: dict[str, dict[int, re.Pattern[str]]] = {}
         for device in devices:
             self._add_device(device)
         self.limits = limits
@@ -397,6 +458,11 @@ class CloudSim:
         self.requests: list[SimRequest] = []
         self.url: str | None = None
         self._outage: str | None = None
+        self._fault_rates = check_fault_rates(fault_rates or {})
+        self._random = random.Random(seed)
+        if not math.isfinite(retry_after_s) or retry_after_s < 0:
+            raise SimError(f"retry_after_s must be a non-negative number, got {retry_after_s!r}")
+        self.retry_after_s = retry_after_s
         self._clock = clock
         self._states: dict[str, _TokenState] = {}
         self._stopping = asyncio.Event()
@@ -406,6 +472,8 @@ class CloudSim:
         self.app.router.add_route("*", API_PREFIX + "{endpoint:.*}", self._api)
         self.app.router.add_post(CONTROL_PREFIX + "outage", self._control_outage)
         self.app.router.add_get(CONTROL_PREFIX + "outage", self._control_outage)
+        self.app.router.add_post(CONTROL_PREFIX + "faults", self._control_faults)
+        self.app.router.add_get(CONTROL_PREFIX + "faults", self._control_faults)
         self.app.router.add_get(CONTROL_PREFIX + "points", self._control_points)
         self.app.router.add_get(CONTROL_PREFIX + "stats", self._control_stats)
 
@@ -418,29 +486,52 @@ class CloudSim:
             pins = {int(pin): PinType(kind) for pin, kind in device.pins.items()}
         except ValueError as exc:
             raise SimError(f"device {device.name!r}: {exc}") from exc
-        for pin in [*pins, *device.ranges]:
+        for pin in [*pins, *device.ranges, *device.refuse]:
             if not 0 <= pin < PIN_COUNT:
                 raise SimError(f"device {device.name!r}: pin {pin} is not in v0..v{PIN_COUNT - 1}")
-        self._devices[device.token] = SimDevice(device.token, device.name, pins, dict(device.ranges))
+        refuse: dict[int, re.Pattern[str]] = {}
+        for pin, pattern in device.refuse.items():
+            try:
+                refuse[pin] = re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise SimError(f"device {device.name!r}: refuse pattern of v{pin}: {exc}") from exc
+        self._devices[device.token] = SimDevice(
+            device.token, device.name, pins, dict(device.ranges), dict(device.refuse)
+        )
+        self._refuse[device.token] = refuse
 
     # --- public helpers ---
 
     @property
     def outage(self) -> str | None:
-        """None when up; "503", "reset" or "hang" while simulating an outage."""
+        """None when up; else the fault mode every API request gets (OUTAGE_MODES or "error:<message>")."""
         return self._outage
 
     @outage.setter
     def outage(self, mode: str | None) -> None:
         if mode == "off":
             mode = None
-        if mode is not None and mode not in OUTAGE_MODES:
-            raise SimError(f"outage mode must be one of {', '.join(OUTAGE_MODES)} or off, got {mode!r}")
+        if mode is not None:
+            check_fault_mode(mode)
         self._outage = mode
         _log.info("cloudsim outage", mode=mode or "off")
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on host:port (0 = a free port) and return the base URL."""
+    @property
+    def fault_rates(self) -> Mapping[str, float]:
+        """Fault mode -> probability that an API request gets it (when no outage is set); assign to change."""
+        return types.MappingProxyType(self._fault_rates)
+
+    @fault_rates.setter
+    def fault_rates(self, rates: Mapping[str, float]) -> None:
+        self._fault_rates = check_fault_rates(rates)
+        _log.info("cloudsim fault rates", rates=dict(self._fault_rates))
+
+    def reseed(self, seed: int | None) -> None:
+        """Restart the random fault sequence from seed."""
+        self._random.seed(seed)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Listen on host:port (0 = a free port), over TLS if ssl_context is given, and return the base URL."""
         if self._runner is not None:
             raise SimError("cloudsim is already running")
         self._stopping.clear()
@@ -453,7 +544,7 @@ class CloudSim:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
             await site.start()
         except OSError as exc:
             await runner.cleanup()
@@ -461,7 +552,8 @@ class CloudSim:
         self._runner = runner
         bound = runner.addresses[0][1]
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{bound}"
+        scheme = "http" if ssl_context is None else "https"
+        self.url = f"{scheme}://{shown}:{bound}"
         return self.url
 
     async def stop(self) -> None:
@@ -519,9 +611,10 @@ class CloudSim:
         endpoint = request.match_info["endpoint"]
         arrived = self._clock()
         query = redact(request.rel_url.raw_query_string)
-        if self._outage is not None:
-            return await self._outage_answer(request, endpoint, query, arrived)
         token = request.query.get("token", "")
+        fault = self._outage or self._draw_fault()
+        if fault is not None:
+            return await self._fault_answer(request, fault, endpoint, query=query, token=token, arrived=arrived)
         label: str | None = None
         points: list[Received] = []
         try:
@@ -534,7 +627,7 @@ class CloudSim:
             response.headers.update(refusal.headers)
         except Exception as exc:  # noqa: BLE001 (answer 500 and log it redacted instead of aiohttp's log)
             _log.error("cloudsim handler failed", endpoint=endpoint, error=redact(repr(exc)))
-            response = _error(500, "Internal server error.")
+            response = _error(500, MSG_INTERNAL)
         error = None
         if response.status >= 300:
             error = self._message_of(response)
@@ -571,7 +664,7 @@ class CloudSim:
             while window and now - window[0] >= RATE_WINDOW_MS:
                 window.popleft()
             if len(window) + 1 > self.limits.requests_per_second:
-                raise _Refusal(429, MSG_RATE, {"Retry-After": str(RETRY_AFTER_S)})
+                raise _Refusal(429, MSG_RATE, {"Retry-After": self._retry_after_text()})
             window.append(now)
         return device
 
@@ -666,6 +759,7 @@ class CloudSim:
                 value = clamp(kind, parse_json_value(kind, raw), bounds)
             except ValueError as exc:
                 raise _Refusal(400, MSG_VALUE) from exc
+            self._check_refused(device, pin, raw if isinstance(raw, str) else _json_bytes(raw).decode())
             points.append(Received(device.token, pin, ts, value, PATH_HISTORY, arrived))
         self._check_timestamps(points, arrived)
         state = self._state(device.token)
@@ -744,10 +838,19 @@ class CloudSim:
             raise _Refusal(400, MSG_VALUE)
         try:
             if location:
-                return parse_text_location(texts)
-            return clamp(kind, parse_text_value(kind, texts[0]), device.ranges.get(pin))
+                value: Value = parse_text_location(texts)
+            else:
+                value = clamp(kind, parse_text_value(kind, texts[0]), device.ranges.get(pin))
         except ValueError as exc:
             raise _Refusal(400, MSG_VALUE) from exc
+        self._check_refused(device, pin, f"[{','.join(texts)}]" if location else texts[0])
+        return value
+
+    def _check_refused(self, device: SimDevice, pin: int, text: str) -> None:
+        """Refuse a value whose text matches the pin's `refuse` pattern, as the cloud refuses a type mismatch."""
+        pattern = self._refuse.get(device.token, {}).get(pin)
+        if pattern is not None and pattern.fullmatch(text):
+            raise _Refusal(400, MSG_VALUE)
 
     def _state(self, token: str) -> _TokenState:
         state = self._states.get(token)
@@ -774,11 +877,28 @@ class CloudSim:
         with self.record_path.open("ab") as file:
             file.write(lines)
 
-    async def _outage_answer(self, request: web.Request, endpoint: str, query: str, arrived: int) -> web.StreamResponse:
-        mode = self._outage
-        self._note(SimRequest(request.method, endpoint, query, 503 if mode == "503" else 0, mode, None, 0, arrived))
-        if mode == "503":
-            return _error(503, MSG_UNAVAILABLE)
+    def _draw_fault(self) -> str | None:
+        if not self._fault_rates:
+            return None
+        draw = self._random.random()
+        for mode, rate in self._fault_rates.items():
+            if draw < rate:
+                return mode
+            draw -= rate
+        return None
+
+    def _retry_after_text(self) -> str:
+        return f"{self.retry_after_s:g}"
+
+    async def _fault_answer(
+        self, request: web.Request, mode: str, endpoint: str, *, query: str, token: str, arrived: int
+    ) -> web.StreamResponse:
+        label = self.label(token) if token else None
+        answer = self._fault_response(mode)
+        status = 0 if answer is None else answer.status
+        self._note(SimRequest(request.method, endpoint, query, status, f"fault {mode}", label, 0, arrived))
+        if answer is not None:
+            return answer
         if mode == "hang":
             while not self._stopping.is_set():
                 transport = request.transport
@@ -793,6 +913,22 @@ class CloudSim:
             request.transport.abort()
         # Never delivered: the connection is gone; aiohttp notices and drops it quietly.
         return web.Response(status=503)
+
+    def _fault_response(self, mode: str) -> web.Response | None:
+        """The answer of a fault mode; None for "reset" and "hang" (no answer at all)."""
+        if mode == "503":
+            return _error(503, MSG_UNAVAILABLE)
+        if mode == "500":
+            return _error(500, MSG_INTERNAL)
+        if mode == "429":
+            response = _error(429, MSG_RATE)
+            response.headers["Retry-After"] = self._retry_after_text()
+            return response
+        if mode == "invalid_token":
+            return _error(400, MSG_INVALID_TOKEN)
+        if mode.startswith(ERROR_MODE_PREFIX):
+            return _error(400, mode[len(ERROR_MODE_PREFIX) :])
+        return None
 
     def _note(self, record: SimRequest) -> None:
         self.requests.append(record)
@@ -826,6 +962,18 @@ class CloudSim:
             except SimError as exc:
                 return _error(400, str(exc))
         return web.Response(body=_json_bytes({"outage": self._outage or "off"}), content_type="application/json")
+
+    async def _control_faults(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            try:
+                self.fault_rates = parse_fault_rates(request.query.get("rates", ""))
+                if "seed" in request.query:
+                    self.reseed(int(request.query["seed"]))
+            except SimError as exc:
+                return _error(400, str(exc))
+            except ValueError:
+                return _error(400, "seed must be an integer")
+        return web.Response(body=_json_bytes({"fault_rates": dict(self._fault_rates)}), content_type="application/json")
 
     async def _control_points(self, request: web.Request) -> web.Response:
         device = request.query.get("device")
@@ -869,6 +1017,7 @@ class CloudSim:
             "points": points,
             "devices": devices,
             "outage": self._outage or "off",
+            "fault_rates": dict(self._fault_rates),
         }
         return web.Response(body=_json_bytes(stats), content_type="application/json")
 
@@ -894,7 +1043,7 @@ def _pin_params(request: web.Request) -> dict[str, list[str]]:
 
 
 def devices_from_file(path: Path) -> list[SimDevice]:
-    """Read devices from JSON {"TOKEN": {"name": ..., "pins": {"v1": "double"}}} or an edgeforward config."""
+    """Read devices from JSON {"TOKEN": {"name", "pins": {"v1": "double"}, "refuse": {"v1": REGEX}}} or a config."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -932,9 +1081,9 @@ def _devices_from_json(text: str, path: Path) -> list[SimDevice]:
     for index, (token, spec) in enumerate(raw.items()):
         where = f"{path}: device[{index}]"
         if not isinstance(spec, dict):
-            problems.append(f"{where}: expected an object with name and pins")
+            problems.append(f"{where}: expected an object with name, pins and refuse")
             continue
-        unknown = set(spec) - {"name", "pins"}
+        unknown = set(spec) - {"name", "pins", "refuse"}
         if unknown:
             problems.append(f"{where}: unknown key {sorted(unknown)[0]}")
         name = spec.get("name", "")
@@ -960,10 +1109,33 @@ def _devices_from_json(text: str, path: Path) -> list[SimDevice]:
                 ranges=ranges,
                 problems=problems,
             )
-        devices.append(SimDevice(token=token, name=name, pins=pins, ranges=ranges))
+        refuse = _json_refuse(spec.get("refuse", {}), where=f"{where}.refuse", problems=problems)
+        devices.append(SimDevice(token=token, name=name, pins=pins, ranges=ranges, refuse=refuse))
     if problems:
         raise SimError("\n".join(problems))
     return devices
+
+
+def _json_refuse(raw: object, *, where: str, problems: list[str]) -> dict[int, str]:
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected an object of pin -> regular expression")
+        return {}
+    refuse: dict[int, str] = {}
+    for name, pattern in raw.items():
+        pin = parse_pin_name(name)
+        if pin is None:
+            problems.append(f"{where}.{name}: expected a virtual pin name v0..v255")
+            continue
+        if not isinstance(pattern, str):
+            problems.append(f"{where}.{name}: expected a regular expression string")
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"{where}.{name}: not a valid regular expression: {exc}")
+            continue
+        refuse[pin] = pattern
+    return refuse
 
 
 def _json_pin(
@@ -1014,15 +1186,32 @@ async def serve(
     *,
     redirects: Mapping[str, str] | None = None,
     on_ready: Callable[[str], None] | None = None,
+    fault_rates: Mapping[str, float] | None = None,
+    seed: int | None = None,
+    retry_after_s: float = RETRY_AFTER_S,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Run a CloudSim on listen ("HOST:PORT") until cancelled."""
+    """Run a CloudSim on listen ("HOST:PORT"), over TLS if ssl_context is given, until cancelled."""
     host, port = split_listen(listen)
     sim = CloudSim(
-        devices, limits=limits, accept_any_token=accept_any_token, redirects=redirects, record_path=record_path
+        devices,
+        limits=limits,
+        accept_any_token=accept_any_token,
+        redirects=redirects,
+        record_path=record_path,
+        fault_rates=fault_rates,
+        seed=seed,
+        retry_after_s=retry_after_s,
     )
-    url = await sim.start(host, port)
+    url = await sim.start(host, port, ssl_context=ssl_context)
     try:
-        _log.info("cloudsim listening", url=url, devices=len(devices), accept_any_token=accept_any_token)
+        _log.info(
+            "cloudsim listening",
+            url=url,
+            devices=len(devices),
+            accept_any_token=accept_any_token,
+            fault_rates=dict(sim.fault_rates),
+        )
         if on_ready is not None:
             on_ready(url)
         await asyncio.Event().wait()

@@ -18,9 +18,12 @@ from edgeforward.cloudsim import (
     DAY_MS,
     MSG_CONTENT_TYPE,
     MSG_DAILY,
+    MSG_INTERNAL,
     MSG_INVALID_TOKEN,
     MSG_MONTHLY,
     MSG_NO_DATASTREAM,
+    MSG_RATE,
+    MSG_UNAVAILABLE,
     MSG_VALUE,
     MSG_WRONG_ID,
     MSG_WRONG_PIN,
@@ -32,6 +35,7 @@ from edgeforward.cloudsim import (
     devices_from_file,
     limits_from_config,
     now_ms,
+    parse_fault_rates,
     parse_json_value,
     parse_text_value,
     redact,
@@ -564,6 +568,188 @@ async def test_stop_releases_hung_requests(make_sim: MakeSim) -> None:
             await asyncio.wait_for(pending, SHORT_WAIT_S)
 
 
+# --- fault modes, random faults -----------------------------------------------------------------
+
+QUOTA_MESSAGE = "Monthly messages limit reached (quota)."
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "message"),
+    [
+        ("503", 503, MSG_UNAVAILABLE),
+        ("500", 500, MSG_INTERNAL),
+        ("429", 429, MSG_RATE),
+        ("invalid_token", 400, MSG_INVALID_TOKEN),
+        ("error:" + QUOTA_MESSAGE, 400, QUOTA_MESSAGE),
+        ("error:Something: new & odd", 400, "Something: new & odd"),
+    ],
+)
+async def test_fault_modes_answer_every_api_request(
+    sim: CloudSim, http: aiohttp.ClientSession, mode: str, status: int, message: str
+) -> None:
+    sim.outage = mode
+    for method, path_query, body in (
+        ("GET", f"/external/api/batch/update?token={PUMP}&v1=1", None),
+        ("GET", f"/external/api/update?token={LOOSE}&v1=1", None),
+        ("POST", f"/external/api/batch/update?token={PUMP}&pin=v1", [[1, 2.0]]),
+        ("GET", "/external/api/isHardwareConnected?token=unknownToken", None),
+    ):
+        async with http.request(method, f"{sim.url}{path_query}", json=body) as response:
+            assert (response.status, error_of(await response.text())) == (status, message)
+            assert response.headers.get("Retry-After") == ("1" if mode == "429" else None)
+    assert sim.received == []
+    assert sim.usage(PUMP).messages_this_month == 0  # a fault is not a counted message
+    assert [r.device for r in sim.requests[:2]] == ["pump", "loose"]
+    assert {r.status for r in sim.requests} == {status}
+    assert (await call(http, sim, "GET", "/_sim/stats"))[0] == 200  # never for control endpoints
+    sim.outage = None
+    assert (await call(http, sim, "GET", f"/external/api/update?token={PUMP}&v1=1"))[0] == 200
+
+
+async def test_fault_429_uses_retry_after_s(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
+    sim = await make_sim(retry_after_s=0.25)
+    status, _ = await call(http, sim, "POST", "/_sim/outage?mode=429")
+    assert status == 200
+    async with http.get(f"{sim.url}/external/api/update?token={PUMP}&v1=1") as response:
+        assert (response.status, response.headers["Retry-After"]) == (429, "0.25")
+    sim.retry_after_s = 30
+    async with http.get(f"{sim.url}/external/api/update?token={PUMP}&v1=1") as response:
+        assert (response.status, response.headers["Retry-After"]) == (429, "30")
+
+
+async def test_outage_control_takes_every_mode(sim: CloudSim, http: aiohttp.ClientSession) -> None:
+    for mode in ("500", "429", "invalid_token", "reset", "hang", "error:Daily data points limit reached."):
+        status, body = await call(http, sim, "POST", f"/_sim/outage?mode={mode.replace(' ', '%20')}")
+        assert (status, json.loads(body)) == (200, {"outage": mode})
+        assert sim.outage == mode
+    for bad in ("error:", "error:%20", "404", "Invalid_token"):
+        assert (await call(http, sim, "POST", f"/_sim/outage?mode={bad}"))[0] == 400
+    assert sim.outage == "error:Daily data points limit reached."
+
+
+async def statuses(sim: CloudSim, count: int) -> list[int]:
+    """Send count updates, one at a time; 0 stands for a reset connection."""
+    found = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SHORT_WAIT_S)) as http:
+        for index in range(count):
+            try:
+                found.append((await call(http, sim, "GET", f"/external/api/update?token={PUMP}&v2={index}"))[0])
+            except aiohttp.ClientConnectionError:
+                found.append(0)
+    return found
+
+
+async def test_random_faults_follow_the_seed(make_sim: MakeSim) -> None:
+    rates = {"500": 0.3, "429": 0.2, "reset": 0.1}
+    first = await make_sim(fault_rates=rates, seed=7)
+    second = await make_sim(fault_rates=rates, seed=7)
+    seen = await statuses(first, 60)
+    assert seen == await statuses(second, 60)
+    assert set(seen) == {200, 500, 429, 0}
+    assert 10 <= seen.count(200) <= 40  # 40% expected; bounds far from chance for this fixed seed
+    delivered = [point.value for point in first.points(PUMP)]
+    assert delivered == [index for index, status in enumerate(seen) if status == 200]
+    # aiohttp resends a GET once after a reset, so the server sees more requests than the client.
+    server_seen = [r.status for r in first.requests]
+    assert server_seen == [r.status for r in second.requests]
+    assert [status for status in server_seen if status] == [status for status in seen if status]
+    assert first.fault_rates == rates
+    with pytest.raises(TypeError):
+        first.fault_rates["hang"] = 0.5  # type: ignore[index]
+    first.fault_rates = {}
+    assert await statuses(first, 5) == [200] * 5
+    first.outage = "503"  # an outage wins over random faults
+    second.outage = "503"
+    assert await statuses(second, 3) == [503] * 3
+
+
+async def test_random_faults_control_endpoint(sim: CloudSim, http: aiohttp.ClientSession) -> None:
+    status, body = await call(http, sim, "POST", "/_sim/faults?rates=invalid_token:1&seed=3")
+    assert (status, json.loads(body)) == (200, {"fault_rates": {"invalid_token": 1.0}})
+    status, body = await call(http, sim, "GET", f"/external/api/update?token={PUMP}&v1=1")
+    assert (status, error_of(body)) == (400, MSG_INVALID_TOKEN)
+    status, body = await call(http, sim, "GET", "/_sim/stats")
+    assert json.loads(body)["fault_rates"] == {"invalid_token": 1.0}
+    assert (await call(http, sim, "POST", "/_sim/faults?rates=500:2"))[0] == 400
+    assert (await call(http, sim, "POST", "/_sim/faults?rates=500:0.5&seed=x"))[0] == 400
+    status, body = await call(http, sim, "POST", "/_sim/faults")
+    assert (status, json.loads(body)) == (200, {"fault_rates": {}})
+    assert (await call(http, sim, "GET", f"/external/api/update?token={PUMP}&v1=1"))[0] == 200
+
+
+def test_parse_fault_rates() -> None:
+    assert parse_fault_rates("500:0.1, 429:0.05,reset:0.02,hang:0.01") == {
+        "500": 0.1,
+        "429": 0.05,
+        "reset": 0.02,
+        "hang": 0.01,
+    }
+    assert parse_fault_rates("error:Daily data points limit reached.:0.5") == {
+        "error:Daily data points limit reached.": 0.5
+    }
+    assert parse_fault_rates("") == {}
+    for bad in ("500", "500:x", "500:-0.1", "500:1.5", "500:0.6,429:0.6", "404:0.1", "500:0.1,500:0.2", "500:nan"):
+        with pytest.raises(SimError):
+            parse_fault_rates(bad)
+    with pytest.raises(SimError):
+        CloudSim(fault_rates={"500": 1.1})
+    with pytest.raises(SimError):
+        CloudSim(retry_after_s=-1)
+
+
+# --- per-pin refused values ----------------------------------------------------------------------
+
+
+REFUSING = SimDevice(
+    "refuseTokenCCCCCCCCCCCCCCCCCCCCC",
+    "refusing",
+    {1: PinType.DOUBLE, 2: PinType.INTEGER, 3: PinType.STRING, 4: PinType.LOCATION},
+    refuse={2: "-?999", 3: "^bad.*", 4: r"\[0,.*\]"},
+)
+
+
+async def test_refused_values_refuse_the_whole_request(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
+    sim = await make_sim(devices=(REFUSING,))
+    token = REFUSING.token
+    refused = [
+        ("GET", "batch/update?v1=1.5&v2=-999", None),
+        ("GET", "update?v2=999", None),
+        ("GET", "update?pin=v3&value=bad%20value", None),
+        ("GET", "update?pin=v4&value=0&value=51.5", None),
+        ("POST", "batch/update?pin=v2", [[1, 5], [2, -999], [3, 6]]),
+        ("POST", "batch/update?pin=v3", [[1, "ok"], [2, "badly"]]),
+        ("POST", "batch/update?pin=v4", [[1, [0, 1.5]]]),
+    ]
+    for method, path_query, body in refused:
+        status, text = await call(http, sim, method, f"/external/api/{path_query}&token={token}", json=body)
+        assert (status, error_of(text)) == (400, MSG_VALUE), path_query
+    assert sim.received == []
+    accepted = [
+        ("GET", "batch/update?v1=-999&v2=9990", None),  # v1 has no pattern; fullmatch only
+        ("GET", "update?pin=v3&value=not%20bad", None),
+        ("POST", "batch/update?pin=v2", [[1, 5], [2, 1999]]),
+        ("POST", "batch/update?pin=v4", [[1, [1, 0]]]),
+    ]
+    for method, path_query, body in accepted:
+        status, _ = await call(http, sim, method, f"/external/api/{path_query}&token={token}", json=body)
+        assert status == 200, path_query
+    assert [(p.pin, p.value) for p in sim.received] == [
+        (1, -999.0),
+        (2, 9990),
+        (3, "not bad"),
+        (2, 5),
+        (2, 1999),
+        (4, (1.0, 0.0)),
+    ]
+
+
+def test_refuse_patterns_are_checked() -> None:
+    with pytest.raises(SimError, match="refuse"):
+        CloudSim([SimDevice("a", refuse={1: "(unclosed"})])
+    with pytest.raises(SimError):
+        CloudSim([SimDevice("a", refuse={256: "1"})])
+
+
 # --- control endpoints, record, logs ----------------------------------------------------------
 
 
@@ -732,7 +918,11 @@ def test_devices_from_json_file(tmp_path: Path) -> None:
     path.write_text(
         json.dumps(
             {
-                "tokA": {"name": "pump", "pins": {"v1": "double", "v2": {"type": "integer", "min": 0, "max": 9}}},
+                "tokA": {
+                    "name": "pump",
+                    "pins": {"v1": "double", "v2": {"type": "integer", "min": 0, "max": 9}},
+                    "refuse": {"v2": "^-?999$"},
+                },
                 "tokB": {},
             }
         )
@@ -744,7 +934,8 @@ def test_devices_from_json_file(tmp_path: Path) -> None:
         {1: PinType.DOUBLE, 2: PinType.INTEGER},
         {2: (0, 9)},
     )
-    assert (other.token, other.name, dict(other.pins)) == ("tokB", "", {})
+    assert dict(pump.refuse) == {2: "^-?999$"}
+    assert (other.token, other.name, dict(other.pins), dict(other.refuse)) == ("tokB", "", {}, {})
 
 
 @pytest.mark.parametrize(
@@ -756,6 +947,10 @@ def test_devices_from_json_file(tmp_path: Path) -> None:
         '{"tok": {"color": "red"}}',
         '{"bad token": {}}',
         '{"tok": {"pins": {"v1": {"type": "double", "min": "0"}}}}',
+        '{"tok": {"refuse": {"v1": "(unclosed"}}}',
+        '{"tok": {"refuse": {"x1": "1"}}}',
+        '{"tok": {"refuse": {"v1": 1}}}',
+        '{"tok": {"refuse": ["v1"]}}',
         "{not json",
     ],
 )
