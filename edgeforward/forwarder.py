@@ -32,6 +32,7 @@ EXPIRE_MARGIN_S = 600.0
 PARK_RECHECK_S = 300.0
 PIN_PARK_RECHECK_S = 600.0
 UNKNOWN_REFUSALS_BEFORE_BISECTION = 3
+UNKNOWN_REFUSALS_BEFORE_BISECTION_ALONE = 10
 BODY_MARGIN_BYTES = 256
 THIN_CHUNK_POINTS = 50_000
 SUCCESS_RECORD_INTERVAL_S = 10.0
@@ -144,7 +145,7 @@ class Forwarder:
         self._live_excluded: set[int] = set()
         self._parked_pins: dict[int, tuple[float, str]] = {}
         self._batch_cap = self._limits.batch_max_points
-        self._unknown_refusals: dict[tuple[int, int, int], int] = {}
+        self._unknown_refusals: dict[tuple[int, int, int], tuple[int, float]] = {}
         self._history_blocked_until = 0.0
         self.live_interval_s = forward.live_interval_s
         self._budget: Budget | None = None
@@ -384,8 +385,12 @@ class Forwarder:
         refusal = exc.refusal
         if refusal is Refusal.UNKNOWN and not bisecting:
             key = (pin, points[0].id, len(points))
-            self._unknown_refusals[key] = self._unknown_refusals.get(key, 0) + 1
-            if self._unknown_refusals[key] < UNKNOWN_REFUSALS_BEFORE_BISECTION:
+            failures, first_s = self._unknown_refusals.get(key, (0, self._clock()))
+            self._unknown_refusals[key] = (failures + 1, first_s)
+            # Bisect sooner when other requests succeed meanwhile: then it is this batch, not the account.
+            others_ok = self.last_success_s is not None and self.last_success_s > first_s
+            needed = UNKNOWN_REFUSALS_BEFORE_BISECTION if others_ok else UNKNOWN_REFUSALS_BEFORE_BISECTION_ALONE
+            if failures + 1 < needed:
                 raise exc
             del self._unknown_refusals[key]
             self._log.warning("batch_keeps_failing", pin=f"v{pin}", points=len(points), reason=exc.message)

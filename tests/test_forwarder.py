@@ -354,3 +354,24 @@ async def test_downsample_thins_what_would_expire_and_keeps_extremes(tmp_path: P
     assert counts["downsampled"] >= 2600 and adds_up(counts)
     assert counts["delivered_history"] == len(sent) <= 300
     assert -500.0 in sent and 5000.0 in sent
+
+
+async def test_unknown_refusal_retried_slowly_then_delivered(tmp_path: Path, sim: CloudSim) -> None:
+    config = make_config(tmp_path, str(sim.url), live=0)
+    sim.outage = "error:Something the docs never mention"
+    async with rig(config, [Point("pump", 1, now_ms() - 1000, 1.0), Point("pump", 1, now_ms() - 900, 2.0)]) as r:
+        await wait_for(lambda: len(sim.requests) >= 3, 10)
+        assert r.forwarder.reason is not None and "Something" in r.forwarder.reason
+        sim.outage = None
+        counts = await r.drained()
+    assert counts["delivered_history"] == 2 and counts["rejected"] == 0
+
+
+async def test_value_refused_by_pattern_isolated_alone(tmp_path: Path) -> None:
+    cloud = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS, refuse={2: "^13$"})])
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url), live=0)
+    async with rig(config, [Point("pump", 2, now_ms() - 1000 + i, i) for i in range(20)]) as r:
+        counts = await r.drained()
+    await cloud.stop()
+    assert counts["rejected"] == 1 and counts["delivered_history"] == 19 and adds_up(counts)
