@@ -20,7 +20,14 @@ import structlog
 from .blynk import BlynkClient, RateLimiter, Refusal, RefusedError, TransientError
 from .buffer import Budget, Buffer, QueuedPoint, utc_day, utc_month
 from .config import CloudConfig, Device, ForwardConfig
-from .planner import PinBacklog, allocate_points, downsample_keep, history_messages_left, live_interval_s
+from .planner import (
+    PinBacklog,
+    allocate_points,
+    downsample_keep,
+    history_interval_s,
+    history_messages_left,
+    live_interval_s,
+)
 from .points import value_from_json
 
 log = structlog.get_logger(__name__)
@@ -147,6 +154,7 @@ class Forwarder:
         self._batch_cap = self._limits.batch_max_points
         self._unknown_refusals: dict[tuple[int, int, int], tuple[int, float]] = {}
         self._history_blocked_until = 0.0
+        self._round_requests = 1
         self.live_interval_s = forward.live_interval_s
         self._budget: Budget | None = None
         self._next_expire = 0.0
@@ -202,7 +210,7 @@ class Forwarder:
                     and await self._history_round(next_live if live else math.inf)
                 ):
                     self._history_due = False
-                    next_history = now + self._forward.history_interval_s
+                    next_history = now + self._history_interval(now)
                 backoff.reset()
             except TransientError as exc:
                 self.outcomes["transient"] += 1
@@ -292,6 +300,7 @@ class Forwarder:
     async def _history_round(self, live_due: float) -> bool:
         """Send history batches (pins in turn, oldest first); False if stopped early for a live tick."""
         pins = [p for p in await self._buffer.pins_queued(self.device.name) if p not in self._parked_pins]
+        self._round_requests = len(pins)
         allocation = await self._allocate(pins)
         while pins:
             for pin in list(pins):
@@ -448,6 +457,15 @@ class Forwarder:
             self._log.info("live_interval_changed", seconds=None if math.isinf(interval) else round(interval, 1))
             self.live_interval_s = interval
         return interval
+
+    def _history_interval(self, now: float) -> float:
+        """The pause between history rounds in effect: slower when the month's messages run short."""
+        left = history_messages_left(
+            self._messages_left(now), self._forward.live_share, self._forward.live_interval_s > 0
+        )
+        return history_interval_s(
+            self._forward.history_interval_s, left, next_utc_month_s(now) - now, self._round_requests
+        )
 
     def _check_messages(self, *, live: bool = False) -> None:
         now = self._clock()

@@ -31,6 +31,17 @@ def live_interval_s(base_s: float, messages_left: int | None, seconds_left_in_mo
     return max(base_s, seconds_left_in_month / affordable)
 
 
+def history_interval_s(
+    base_s: float, history_messages: int | None, seconds_left_in_month: float, requests_per_round: int
+) -> float:
+    """Return the pause between history rounds that spreads history's messages evenly to month end."""
+    if history_messages is None:
+        return base_s
+    if history_messages < 1:
+        return seconds_left_in_month
+    return max(base_s, seconds_left_in_month * max(1, requests_per_round) / history_messages)
+
+
 def history_messages_left(messages_left: int | None, live_share: float, live_enabled: bool) -> int | None:
     """Return the messages history may spend now, keeping the live path's share of what is left."""
     if messages_left is None:

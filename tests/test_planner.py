@@ -119,3 +119,14 @@ def test_clear_eta() -> None:
     assert clear_eta_s(5000, 10_000, 6000, midnight - 100) == 0
     assert clear_eta_s(25_000, 10_000, 5000, midnight - 100) == 100 + 86400
     assert clear_eta_s(25_000, 0, 0, midnight) is None
+
+
+@given(st.floats(0.1, 3600), st.integers(0, 1_000_000) | st.none(), st.floats(1, 31 * 86400), st.integers(0, 256))
+def test_history_rounds_spread_over_the_month(base: float, messages: int | None, seconds: float, pins: int) -> None:
+    from edgeforward.planner import history_interval_s
+
+    interval = history_interval_s(base, messages, seconds, pins)
+    assert interval >= min(base, seconds) or (messages is not None and messages < 1)
+    if messages is not None and messages >= 1:
+        rounds = seconds / interval
+        assert rounds * max(1, pins) <= messages + 1e-6
