@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import os
+import shutil
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import aiosqlite
 import msgspec
@@ -20,9 +23,30 @@ from .points import Point, value_json
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 GROUP_COMMIT_MAX_ITEMS = 20_000
+# Incremental vacuum: give free pages back to the file system once this many are free (and a quarter of the file).
+VACUUM_MIN_FREE_PAGES = 256
+VACUUM_STEP_PAGES = 2048
+# At the byte cap, drop at least this many oldest points per attempt to make room, and try this often.
+ROOM_MIN_POINTS = 500
+ROOM_ATTEMPTS = 20
+CAP_SLACK_PAGES = 8
+COMMIT_ERRORS_LOGGED_PER_MINUTE = 5
+SALVAGE_BATCH_ROWS = 1000
+MIN_ROWID = -(2**63)
+MAX_ROWID = 2**63 - 1
+SQLITE_HEADER_BYTES = 100
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# Keys of the `meta` table that `status` shows.
+META_RECOVERY: Final = "recovery"
+META_RECOVERIES: Final = "recoveries"
+META_INGEST_FAILED: Final = "ingest_failed"
+
+# Tables copied out of a damaged buffer, in this order (devices first: the others refer to them).
+SALVAGE_TABLES = ("devices", "points", "ledger", "deadletter", "budget", "device_state", "servers", "meta")
 
 LEDGER_FIELDS = (
     "received",
@@ -113,6 +137,38 @@ class BufferClosedError(BufferError):
     """The buffer was closed before the write could be committed."""
 
 
+class BufferFullError(BufferError):
+    """The disk is full: these points could not be committed (counted `ingest_failed`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What opening a damaged buffer did: where the damaged file went and what was saved from it."""
+
+    at_ms: int
+    reason: str
+    moved_to: str
+    salvaged: dict[str, int]
+    lost_points: int
+    lost_by_device: dict[str, int]
+    unreadable_ranges: int
+
+    def as_meta(self) -> str:
+        """Return the JSON stored under the `recovery` meta key."""
+        return json.dumps(
+            {
+                "at": self.at_ms,
+                "reason": self.reason,
+                "moved_to": self.moved_to,
+                "salvaged": self.salvaged,
+                "lost_points": self.lost_points,
+                "lost_by_device": self.lost_by_device,
+                "unreadable_ranges": self.unreadable_ranges,
+            },
+            sort_keys=True,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedPoint:
     """A point as stored: its row id and its value as typed JSON text."""
@@ -177,12 +233,15 @@ class Buffer:
         *,
         synchronous: str = "FULL",
         max_points: int = 10_000_000,
+        max_bytes: int = 0,
         full_policy: str = "drop_oldest",
         commit_interval_ms: float = 5.0,
     ) -> None:
         self.path = path
         self._synchronous = synchronous
         self._max_points = max_points
+        self._max_bytes = max_bytes
+        self._max_pages = 0
         self._full_policy = full_policy
         self._commit_interval_s = commit_interval_ms / 1000
         self._write: aiosqlite.Connection | None = None
@@ -193,14 +252,26 @@ class Buffer:
         self._wake = asyncio.Event()
         self._closing = False
         self._listeners: list[CommitListener] = []
+        self._ingest_failed: dict[str, int] = {}
+        self._ingest_failed_dirty = False
+        self._full_since: float | None = None
+        self._errors_logged: list[float] = []
+        self._freed_since_vacuum = False
         self.commits = 0
+        self.recovery: Recovery | None = None
 
     async def open(self) -> None:
-        """Open (and create or migrate) the database."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open the database: check it, recover it if damaged, create or migrate it."""
+        self.recovery = await asyncio.to_thread(prepare_file, self.path)
         self._write = await aiosqlite.connect(self.path, isolation_level=None)
         await self._configure(self._write)
-        await self._migrate(self._write)
+        if self._max_bytes:
+            async with self._write.execute("PRAGMA page_size") as cursor:
+                row = await cursor.fetchone()
+            page_size = int(row[0]) if row else 4096
+            async with self._write.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page_size)}") as cursor:
+                row = await cursor.fetchone()
+            self._max_pages = int(row[0]) if row else 0
         self._read = await aiosqlite.connect(self.path, isolation_level=None)
         await self._configure(self._read)
         async with self._write.execute("SELECT id, name FROM devices") as cursor:
@@ -208,28 +279,27 @@ class Buffer:
         async with self._write.execute("SELECT COALESCE(SUM(queued), 0) FROM ledger") as cursor:
             row = await cursor.fetchone()
         self._queued_total = int(row[0]) if row else 0
+        async with self._write.execute("SELECT value FROM meta WHERE key = ?", (META_INGEST_FAILED,)) as cursor:
+            row = await cursor.fetchone()
+        if row:
+            with contextlib.suppress(ValueError, TypeError):
+                self._ingest_failed = {str(k): int(v) for k, v in json.loads(row[0]).items()}
 
     async def _configure(self, conn: aiosqlite.Connection) -> None:
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
 
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        async with conn.execute("PRAGMA user_version") as cursor:
+    async def set_page_limit(self, pages: int) -> int:
+        """Limit the file to `pages` pages (simulates a full disk in tests); return the limit in force."""
+        async with self._connection().execute(f"PRAGMA max_page_count = {int(pages)}") as cursor:
             row = await cursor.fetchone()
-        version = int(row[0]) if row else 0
-        if version == SCHEMA_VERSION:
-            return
-        if version > SCHEMA_VERSION:
-            raise BufferError(f"{self.path} has schema {version}, newer than this edgeforward ({SCHEMA_VERSION})")
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            await _execute_script(conn, _SCHEMA)
-            await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
+        return int(row[0]) if row else 0
+
+    @property
+    def ingest_failed(self) -> dict[str, int]:
+        """Readings per device that could not be committed (disk full); never counted `received`."""
+        return dict(self._ingest_failed)
 
     async def close(self) -> None:
         """Commit what is pending, checkpoint the WAL and close (after the writer has returned)."""
@@ -262,6 +332,8 @@ class Buffer:
         if self._closing:
             future.set_exception(BufferClosedError("buffer is closing"))
             return future
+        # The buffer logs commit failures itself; callers that do not look at the outcome stay quiet.
+        future.add_done_callback(_consume_exception)
         self._pending.points.extend(points)
         self._pending.point_waiters.append((future, len(points)))
         self._wake.set()
@@ -295,37 +367,154 @@ class Buffer:
         while self._pending.points or self._pending.ops:
             pending, self._pending = self._pending, _Pending()
             await self._commit(pending)
+        await self._maintain()
 
     async def _commit(self, pending: _Pending) -> None:
-        conn = self._connection()
-        committed: list[Committed] = []
-        results: list[Any] = []
+        ingest_error: BufferFullError | None = None
         try:
-            await conn.execute("BEGIN IMMEDIATE")
             try:
-                if pending.points:
-                    committed = await self._insert(conn, pending.points)
-                for op, _ in pending.ops:
-                    results.append(await op(conn))
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
+                committed, results = await self._transaction(pending.points, pending.ops)
+            except sqlite3.Error as exc:
+                if not pending.points or not _is_full(exc):
+                    raise
+                committed, results, ingest_error = await self._commit_when_full(pending)
         except sqlite3.Error as exc:
-            log.error("buffer_commit_failed", error=str(exc), points=len(pending.points), ops=len(pending.ops))
+            self._log_commit_error(exc, pending)
             self._fail(pending, exc)
             await self._reload_queued_total()
             return
         self.commits += 1
+        if ingest_error is None and self._full_since is not None:
+            log.warning("buffer_ingest_resumed", full_for_s=round(time.monotonic() - self._full_since, 1))
+            self._full_since = None
         for (_, future), result in zip(pending.ops, results, strict=True):
             if not future.done():
                 future.set_result(result)
         for waiter, _ in pending.point_waiters:
             if not waiter.done():
-                waiter.set_result(None)
+                if ingest_error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(ingest_error)
         if committed:
             for listener in self._listeners:
                 listener(committed)
+
+    async def _transaction(
+        self, points: list[Point], ops: list[tuple[WriteOp, asyncio.Future[Any]]], *, cap_dropped: bool = False
+    ) -> tuple[list[Committed], list[Any]]:
+        conn = self._connection()
+        committed: list[Committed] = []
+        results: list[Any] = []
+        queued_before, device_ids_before = self._queued_total, dict(self._device_ids)
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            if points and cap_dropped:
+                await self._count_dropped_new(conn, points)
+            elif points:
+                committed = await self._insert(conn, points)
+            for op, _ in ops:
+                results.append(await op(conn))
+            if self._ingest_failed_dirty:
+                await conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (META_INGEST_FAILED, json.dumps(self._ingest_failed, sort_keys=True)),
+                )
+            await conn.execute("COMMIT")
+        except BaseException:
+            self._queued_total, self._device_ids = queued_before, device_ids_before
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise
+        self._ingest_failed_dirty = False
+        if ops:
+            self._freed_since_vacuum = True
+        return committed, results
+
+    async def _commit_when_full(self, pending: _Pending) -> tuple[list[Committed], list[Any], BufferFullError | None]:
+        """The points did not fit: make room (byte cap) or give them up (disk full); the ops still run."""
+        if await self._at_byte_cap():
+            if self._full_policy == "drop_oldest":
+                for _ in range(ROOM_ATTEMPTS):
+                    if not await self._make_room(len(pending.points)):
+                        break
+                    try:
+                        committed, results = await self._transaction(pending.points, pending.ops)
+                    except sqlite3.Error as exc:
+                        if not _is_full(exc):
+                            raise
+                        continue
+                    return committed, results, None
+            else:
+                _, results = await self._transaction(pending.points, pending.ops, cap_dropped=True)
+                log.warning("buffer_full_dropped_newest", points=len(pending.points), max_bytes=self._max_bytes)
+                return [], results, None
+        self._count_ingest_failed(pending.points)
+        _, results = await self._transaction([], pending.ops)
+        return [], results, BufferFullError(f"disk full: {len(pending.points)} readings not committed")
+
+    async def _at_byte_cap(self) -> bool:
+        if not self._max_pages:
+            return False
+        async with self._connection().execute("PRAGMA page_count") as cursor:
+            row = await cursor.fetchone()
+        return row is not None and int(row[0]) >= self._max_pages - CAP_SLACK_PAGES
+
+    async def _make_room(self, wanted: int) -> bool:
+        """Drop the oldest points in their own transaction; False when there is nothing left to drop."""
+        count = max(wanted, ROOM_MIN_POINTS, self._queued_total // 100)
+        dropped: list[int] = []
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            dropped.append(await self._drop_oldest(conn, count))
+
+        await self._transaction([], [(op, asyncio.get_running_loop().create_future())])
+        return bool(dropped and dropped[0])
+
+    async def _count_dropped_new(self, conn: aiosqlite.Connection, points: list[Point]) -> None:
+        per_device: dict[int, int] = {}
+        for point in points:
+            device_id = await self._device_id(conn, point.device)
+            per_device[device_id] = per_device.get(device_id, 0) + 1
+        for device_id, dropped in per_device.items():
+            await self._add_ledger(conn, device_id, received=dropped, dropped=dropped)
+
+    def _count_ingest_failed(self, points: list[Point]) -> None:
+        for point in points:
+            self._ingest_failed[point.device] = self._ingest_failed.get(point.device, 0) + 1
+        self._ingest_failed_dirty = True
+        if self._full_since is None:
+            self._full_since = time.monotonic()
+            log.error("buffer_disk_full", points=len(points), ingest_failed=sum(self._ingest_failed.values()))
+
+    def _log_commit_error(self, exc: sqlite3.Error, pending: _Pending) -> None:
+        now = time.monotonic()
+        self._errors_logged = [t for t in self._errors_logged if now - t < 60]
+        if len(self._errors_logged) < COMMIT_ERRORS_LOGGED_PER_MINUTE:
+            self._errors_logged.append(now)
+            log.error("buffer_commit_failed", error=str(exc), points=len(pending.points), ops=len(pending.ops))
+
+    async def _maintain(self) -> None:
+        """Give free pages back to the file system once a backlog has drained (incremental vacuum)."""
+        if not self._freed_since_vacuum or self._write is None:
+            return
+        self._freed_since_vacuum = False
+        try:
+            async with self._write.execute("PRAGMA freelist_count") as cursor:
+                free = await cursor.fetchone()
+            async with self._write.execute("PRAGMA page_count") as cursor:
+                total = await cursor.fetchone()
+            if not free or not total or free[0] < max(VACUUM_MIN_FREE_PAGES, total[0] // 4):
+                return
+            # execute() would step the pragma once, freeing a single page; a script runs it to completion.
+            await self._write.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
+            # The file only shrinks when the WAL is copied back into it.
+            async with self._write.execute("PRAGMA wal_checkpoint(PASSIVE)") as cursor:
+                await cursor.fetchall()
+            self._freed_since_vacuum = free[0] > VACUUM_STEP_PAGES
+            log.debug("buffer_vacuumed", free_pages=free[0], pages=total[0])
+        except sqlite3.Error as exc:
+            log.warning("buffer_vacuum_failed", error=str(exc))
 
     def _fail(self, pending: _Pending, exc: Exception) -> None:
         for _, future in pending.ops:
@@ -379,9 +568,9 @@ class Buffer:
         self._queued_total += len(accepted)
         return [Committed(name, frozenset(pins), count[0]) for name, (pins, count) in per_device.items()]
 
-    async def _drop_oldest(self, conn: aiosqlite.Connection, count: int) -> None:
+    async def _drop_oldest(self, conn: aiosqlite.Connection, count: int) -> int:
         if count <= 0:
-            return
+            return 0
         async with conn.execute(
             "DELETE FROM points WHERE id IN (SELECT id FROM points ORDER BY id LIMIT ?) RETURNING device_id",
             (count,),
@@ -394,6 +583,7 @@ class Buffer:
             self._queued_total -= dropped
         if per_device:
             log.warning("buffer_full_dropped_oldest", points=sum(per_device.values()))
+        return sum(per_device.values())
 
     async def _device_id(self, conn: aiosqlite.Connection, name: str) -> int:
         device_id = self._device_ids.get(name)
@@ -632,14 +822,21 @@ class Buffer:
         ) as cursor:
             return [QueuedPoint(row[0], pin, row[1], row[2]) async for row in cursor]
 
-    async def count_queued(self, device: str, pin: int, *, max_id: int | None = None, before_ts: int | None = None) -> int:
+    async def count_queued(
+        self, device: str, pin: int, *, max_id: int | None = None, before_ts: int | None = None
+    ) -> int:
         """Count a pin's queued points (row id <= max_id, timestamp < before_ts)."""
         device_id = self._device_ids.get(device)
         if device_id is None:
             return 0
         async with self._reader().execute(
             "SELECT COUNT(*) FROM points WHERE device_id = ? AND pin = ? AND id <= ? AND ts < ?",
-            (device_id, pin, max_id if max_id is not None else 2**63 - 1, before_ts if before_ts is not None else 2**63 - 1),
+            (
+                device_id,
+                pin,
+                max_id if max_id is not None else 2**63 - 1,
+                before_ts if before_ts is not None else 2**63 - 1,
+            ),
         ) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
@@ -690,7 +887,307 @@ class Buffer:
         return self._read
 
 
-async def _execute_script(conn: aiosqlite.Connection, script: str) -> None:
-    for statement in script.split(";"):
-        if statement.strip():
-            await conn.execute(statement)
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+
+
+# opening, checking, migrating and recovering the file (synchronous, run in a thread) ---------------
+
+
+def prepare_file(path: Path) -> Recovery | None:
+    """Make `path` a healthy buffer of the current schema; move a damaged one aside and salvage it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    problem = check_file(path)
+    recovery = None
+    if problem is not None:
+        recovery = recover_file(path, problem)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
+        migrate(conn)
+        if recovery is not None:
+            count = conn.execute("SELECT value FROM meta WHERE key = ?", (META_RECOVERIES,)).fetchone()
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [
+                    (META_RECOVERY, recovery.as_meta()),
+                    (META_RECOVERIES, str(int(count[0]) + 1 if count and str(count[0]).isdigit() else 1)),
+                ],
+            )
+    return recovery
+
+
+def check_file(path: Path) -> str | None:
+    """Return why `path` cannot be used as it is, or None when it is healthy (or absent)."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        # Read-only: a damaged file (and a WAL that may not be its own) stays exactly as it was found.
+        uri = f"file:{path}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)) as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                return f"schema version {version} is newer than this edgeforward's ({SCHEMA_VERSION})"
+            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(10)")]
+            if problems != ["ok"]:
+                return "quick_check: " + "; ".join(problems)
+            if version == 0:
+                tables = db.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()[0]
+                return "not an edgeforward buffer" if tables else None
+            missing = set(_expected_columns()) - {
+                row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+            }
+            if missing:
+                return "missing tables: " + ", ".join(sorted(missing))
+            for table in ("devices", "ledger", "meta"):
+                db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+    except sqlite3.Error as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return None
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring an older one to the current version."""
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version == SCHEMA_VERSION:
+        return
+    if version == 0:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    # Version 2: incremental auto-vacuum, which SQLite only applies by rebuilding the file once.
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    try:
+        conn.execute("VACUUM")
+    except sqlite3.Error as exc:
+        log.warning("buffer_vacuum_failed", error=str(exc), detail="the file will not shrink after a backlog")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _expected_columns() -> dict[str, list[str]]:
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")]
+        return {table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")] for table in tables}
+
+
+def recover_file(path: Path, reason: str) -> Recovery:
+    """Move the damaged file (and its WAL) aside, never deleting it, and salvage what it still holds."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    serial = 0
+    while aside.exists() or aside.is_symlink():
+        serial += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{serial}")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        companion = Path(f"{path}{suffix}")
+        if companion.exists() or companion.is_symlink():
+            os.replace(companion, Path(f"{aside}{suffix}"))
+    log.error("buffer_damaged", reason=reason, moved_to=str(aside))
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as fresh:
+        migrate(fresh)
+        salvaged, unreadable = _salvage(aside, path, fresh)
+        lost = _reconcile(fresh)
+    recovery = Recovery(
+        at_ms=time.time_ns() // 1_000_000,
+        reason=reason,
+        moved_to=str(aside),
+        salvaged=salvaged,
+        lost_points=sum(lost.values()),
+        lost_by_device=lost,
+        unreadable_ranges=unreadable,
+    )
+    log.error(
+        "buffer_recovered",
+        reason=reason,
+        moved_to=str(aside),
+        salvaged=salvaged,
+        lost_points=recovery.lost_points,
+        lost_by_device=lost,
+        unreadable_ranges=unreadable,
+    )
+    return recovery
+
+
+def _salvage(aside: Path, path: Path, fresh: sqlite3.Connection) -> tuple[dict[str, int], int]:
+    """Copy every readable row of the damaged file into `fresh`; return rows per table and unreadable ranges."""
+    salvaged = dict.fromkeys(SALVAGE_TABLES, 0)
+    if not aside.is_file():
+        return salvaged, 0
+    repaired = path.with_name(f"{path.name}.salvage-tmp")
+    source = _open_damaged(aside, repaired)
+    if source is None:
+        return salvaged, 0
+    unreadable = 0
+    expected = _expected_columns()
+    try:
+        fresh.execute("BEGIN IMMEDIATE")
+        for table in SALVAGE_TABLES:
+            try:
+                present = {row[1] for row in source.execute(f"PRAGMA table_info({table})")}
+            except sqlite3.Error:
+                continue
+            columns = [c for c in expected[table] if c in present]
+            if not columns:
+                continue
+            insert = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            for rows, bad in _readable_rows(source, table, columns):
+                unreadable += bad
+                fresh.executemany(insert, rows)
+                salvaged[table] += len(rows)
+        fresh.execute("DELETE FROM meta WHERE key IN ('pid', 'running')")
+        fresh.execute("COMMIT")
+    finally:
+        source.close()
+        with contextlib.suppress(FileNotFoundError):
+            repaired.unlink()
+    return salvaged, unreadable
+
+
+def _open_damaged(aside: Path, repaired: Path) -> sqlite3.Connection | None:
+    """Open the damaged file read-only (with its WAL, else without it, else a copy with a rebuilt header)."""
+    for uri in (f"file:{aside}?mode=ro", f"file:{aside}?immutable=1"):
+        try:
+            source = sqlite3.connect(uri, uri=True)
+            tables = source.execute("SELECT COUNT(*) FROM sqlite_schema WHERE name = 'points'").fetchone()[0]
+        except sqlite3.Error:
+            continue
+        if tables:
+            return source
+        source.close()
+    try:
+        shutil.copyfile(aside, repaired)
+        _rebuild_header(repaired)
+        source = sqlite3.connect(f"file:{repaired}?immutable=1", uri=True)
+        source.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
+    except (sqlite3.Error, OSError) as exc:
+        log.error("buffer_unreadable", error=str(exc), file=str(aside))
+        return None
+    return source
+
+
+def _rebuild_header(copy: Path) -> None:
+    """Replace the first 100 bytes of a copy with a valid header guessed from the file's size."""
+    size = copy.stat().st_size
+    with copy.open("r+b") as file:
+        header = bytearray(file.read(SQLITE_HEADER_BYTES))
+        stated = int.from_bytes(header[16:18], "big") if len(header) >= 18 else 0
+        page_size = 65536 if stated == 1 else stated
+        if page_size < 512 or page_size & (page_size - 1) or size % page_size:
+            page_size = 4096
+        with contextlib.closing(sqlite3.connect(":memory:")) as template_db:
+            template_db.execute(f"PRAGMA page_size = {page_size}")
+            template_db.execute("CREATE TABLE t (x)")
+            template = bytearray(template_db.serialize()[:SQLITE_HEADER_BYTES])
+        template[18:20] = b"\x01\x01"  # legacy journal: no WAL index needed to read the copy
+        template[28:32] = (size // page_size).to_bytes(4, "big")
+        template[32:40] = bytes(8)  # no freelist: reading needs none
+        file.seek(0)
+        file.write(template)
+
+
+def _readable_rows(
+    source: sqlite3.Connection, table: str, columns: list[str]
+) -> Iterator[tuple[list[tuple[Any, ...]], int]]:
+    """Yield (rows, unreadable ranges) in rowid order, stepping over ranges that cannot be read."""
+    select = f"SELECT rowid, {', '.join(columns)} FROM {table} WHERE rowid >= ? ORDER BY rowid"
+    start = MIN_ROWID
+    while True:
+        rows: list[tuple[Any, ...]] = []
+        last: int | None = None
+        try:
+            for row in source.execute(select, (start,)):
+                rows.append(row[1:])
+                last = int(row[0])
+                if len(rows) >= SALVAGE_BATCH_ROWS:
+                    yield rows, 0
+                    rows = []
+        except sqlite3.Error:
+            yield rows, 1
+            resume = last + 1 if last is not None else start + 1
+            found = _next_readable(source, table, resume)
+            if found is None:
+                return
+            start = found
+            continue
+        yield rows, 0
+        return
+
+
+def _next_readable(source: sqlite3.Connection, table: str, resume: int) -> int | None:
+    """Return the smallest rowid position from which the table reads again (doubling, then bisecting)."""
+    probe = f"SELECT rowid FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT 1"
+
+    def readable(position: int) -> bool:
+        try:
+            source.execute(probe, (position,)).fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+
+    step = 1
+    while resume + step <= MAX_ROWID:
+        if readable(resume + step):
+            low, high = resume + step // 2, resume + step
+            while high - low > 1:
+                middle = (low + high) // 2
+                if readable(middle):
+                    high = middle
+                else:
+                    low = middle
+            return high
+        step *= 2
+    return None
+
+
+def _reconcile(fresh: sqlite3.Connection) -> dict[str, int]:
+    """Make every salvaged ledger add up again; return the queued points lost per device."""
+    lost: dict[str, int] = {}
+    fresh.execute("BEGIN IMMEDIATE")
+    try:
+        orphans = fresh.execute("DELETE FROM points WHERE device_id NOT IN (SELECT id FROM devices)").rowcount
+        if orphans:
+            lost["(unknown device)"] = orphans
+        fresh.execute("DELETE FROM ledger WHERE device_id NOT IN (SELECT id FROM devices)")
+        out = " + ".join(f for f in LEDGER_FIELDS if f != "received")
+        for device_id, name in fresh.execute("SELECT id, name FROM devices").fetchall():
+            stored = fresh.execute("SELECT COUNT(*) FROM points WHERE device_id = ?", (device_id,)).fetchone()[0]
+            row = fresh.execute(f"SELECT queued, {out} FROM ledger WHERE device_id = ?", (device_id,)).fetchone()
+            if row is None:
+                # The ledger row is gone: count what is still queued as received and queued; history is lost.
+                fresh.execute(
+                    "INSERT INTO ledger (device_id, received, queued) VALUES (?, ?, ?)", (device_id, stored, stored)
+                )
+                continue
+            queued, total_out = int(row[0]), int(row[1])
+            missing = max(queued - stored, 0)
+            if missing:
+                lost[str(name)] = missing
+            # Points that could not be salvaged are counted `dropped`; received is set so the ledger adds up.
+            fresh.execute(
+                "UPDATE ledger SET queued = ?, dropped = dropped + ?, received = ? WHERE device_id = ?",
+                (stored, missing, total_out - queued + stored + missing, device_id),
+            )
+        fresh.execute("COMMIT")
+    except BaseException:
+        fresh.execute("ROLLBACK")
+        raise
+    return lost

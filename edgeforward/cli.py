@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     deadletter.add_argument("--pin", help="only this pin (vN)")
     deadletter.add_argument("--json", action="store_true", help="machine-readable output (list)")
 
+    backfill = with_config("import", "backfill data logger CSV files (header row or Campbell TOA5) into the buffer")
+    backfill.add_argument("--device", required=True, help="the [[device]] the rows belong to")
+    backfill.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    backfill.add_argument("--layout", choices=("auto", "csv", "toa5"), default="auto", help="default: auto-detect")
+    backfill.add_argument("--time-column", help="timestamp column (default: ts/timestamp/time; TIMESTAMP in TOA5)")
+    backfill.add_argument(
+        "--time-format", default="auto", help="auto (default), epoch_ms, epoch_s, iso, or a strftime pattern"
+    )
+    backfill.add_argument("--tz", default="UTC", help="time zone of timestamps without an offset (default UTC)")
+    backfill.add_argument(
+        "--map", action="append", default=[], metavar="COLUMN=vN", help="take a column into a pin (repeatable)"
+    )
+    backfill.add_argument("--delimiter", default=",", help="field separator (default ,)")
+
     cloudsim = commands.add_parser("cloudsim", help="a local Blynk-compatible device API server")
     cloudsim.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
     cloudsim.add_argument("--devices", type=Path, help="devices file: JSON {token: {pins}} or an edgeforward config")
@@ -60,7 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     cloudsim.add_argument("--max-age-days", type=float, default=0, help="0 = no check")
 
     demo = commands.add_parser("demo", help="a self-contained demonstration on this machine (no hardware)")
-    demo.add_argument("--seconds", type=float, default=20.0, help="how long the simulated MCU prints readings")
+    demo.add_argument(
+        "--duration",
+        "--seconds",
+        dest="duration",
+        type=float,
+        default=20.0,
+        help="how long the simulated MCU prints readings (default 20 s; the drain follows)",
+    )
+    demo.add_argument("--headless", action="store_true", help="plain lines instead of the live view (for CI)")
     return parser
 
 
@@ -72,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": _check_config,
         "status": _status,
         "deadletter": _deadletter,
+        "import": _import,
         "cloudsim": _cloudsim,
         "demo": _demo,
     }[args.command]
@@ -116,23 +139,21 @@ def _status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from .status import read_status, render_status
+    from .status import read_status, render_status, status_view
 
     config = _load(args)
+    limits = config.cloud.limits
     if args.json:
         print(json.dumps(read_status(config), indent=2))
         return EXIT_OK
     console = Console()
     if not args.watch:
-        render_status(read_status(config), console)
+        render_status(read_status(config), console, limits)
         return EXIT_OK
-    with Live(console=console, auto_refresh=False) as live:
+    with Live(status_view(read_status(config), limits), console=console, auto_refresh=False) as live:
         while True:
-            capture = Console(record=True, width=console.width)
-            with capture.capture():
-                render_status(read_status(config), capture)
-            live.update(capture.export_text(styles=True), refresh=True)
             time.sleep(WATCH_INTERVAL_S)
+            live.update(status_view(read_status(config), limits), refresh=True)
 
 
 def _deadletter(args: argparse.Namespace) -> int:
@@ -140,6 +161,27 @@ def _deadletter(args: argparse.Namespace) -> int:
 
     config = _load(args)
     return run_deadletter(config, args.action, device=args.device, pin=args.pin, as_json=args.json)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .importer import BackfillError, ImportOptions, parse_mapping, run_import
+
+    config = _load(args)
+    configure_logging("warning", "auto", secrets=config.tokens)
+    try:
+        options = ImportOptions(
+            device=args.device,
+            layout=args.layout,
+            time_column=args.time_column,
+            time_format=args.time_format,
+            timezone=args.tz,
+            mapping=parse_mapping(args.map),
+            delimiter=args.delimiter,
+        )
+        return run_import(config, options, args.files)
+    except BackfillError as exc:
+        print(f"import: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _cloudsim(args: argparse.Namespace) -> int:
@@ -163,7 +205,7 @@ def _cloudsim(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(seconds=args.seconds)
+    return run_demo(seconds=args.duration, headless=args.headless)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class BufferConfig(_Table, frozen=True):
 
     path: str = DEFAULT_BUFFER_PATH
     max_points: PositiveInt = 10_000_000
+    max_bytes: NonNegativeInt = 0  # cap on the database file in bytes; 0 = none
     full_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     synchronous: Literal["FULL", "NORMAL", "full", "normal"] = "FULL"
     commit_interval_ms: Annotated[float, Meta(ge=0, le=1000)] = 5.0
@@ -105,6 +106,7 @@ class PortConfig(_Table, frozen=True):
     columns: list[str] | None = None
     header: bool = False
     nmea: NmeaPins | None = None
+    newline: Literal["lf", "crlf", "cr", "any"] = "lf"
 
 
 class PinSpec(_Table, frozen=True):
@@ -363,6 +365,11 @@ def _parse_ports(items: list[Any], devices: tuple[Device, ...], problems: list[s
             problems.append(f'{where}.device: no [[device]] is named "{port.device}"')
         if port.format == "csv" and not port.columns and not port.header:
             problems.append(f"{where}.columns: csv needs columns = [...] or header = true")
+        if port.columns:
+            # Imported here: lines imports this module.
+            from .lines import csv_column_problems  # noqa: PLC0415
+
+            problems.extend(f"{where}.columns: {problem}" for problem in csv_column_problems(port.columns))
         if port.format == "nmea":
             if port.nmea is None:
                 problems.append(f"{where}.nmea: nmea needs a [port.nmea] table naming pins")
@@ -373,8 +380,36 @@ def _parse_ports(items: list[Any], devices: tuple[Device, ...], problems: list[s
                 value = getattr(port.nmea, key)
                 if value is not None and parse_pin_name(value) is None:
                     problems.append(f'{where}.nmea.{key}: expected a virtual pin name, got "{value}"')
+            if port.device is not None and port.device in names:
+                _check_nmea_pins(port.nmea, next(d for d in devices if d.name == port.device), where, problems)
         ports.append(port)
     return tuple(ports)
+
+
+_NMEA_PIN_TYPES: Mapping[str, tuple[PinType, ...]] = {
+    "location": (PinType.LOCATION,),
+    "altitude_m": (PinType.DOUBLE, PinType.INTEGER),
+    "speed_kmh": (PinType.DOUBLE, PinType.INTEGER),
+    "satellites": (PinType.INTEGER, PinType.DOUBLE),
+}
+
+
+def _check_nmea_pins(nmea: NmeaPins, device: Device, where: str, problems: list[str]) -> None:
+    """Each [port.nmea] pin must be declared on the port's device with a type its quantity fits."""
+    for key, allowed in _NMEA_PIN_TYPES.items():
+        name = getattr(nmea, key)
+        pin = parse_pin_name(name) if name is not None else None
+        if pin is None:
+            continue
+        spec = device.pins.get(pin)
+        if spec is None:
+            problems.append(f'{where}.nmea.{key}: pin v{pin} is not declared on device "{device.name}"')
+        elif spec.type not in allowed:
+            expected = " or ".join(t.value for t in allowed)
+            problems.append(
+                f'{where}.nmea.{key}: pin v{pin} is a {spec.type.value} pin on device "{device.name}", '
+                f"expected {expected}"
+            )
 
 
 def _convert(value: Any, target: type[T], where: str, problems: list[str]) -> T | None:

@@ -20,6 +20,8 @@ from .config import Config, PortConfig
 from .forwarder import Forwarder
 from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected, parse_line, parse_nmea
 from .logs import Throttle
+from .metrics import DaemonView, MetricsServer
+from .notify import Notifier, ProgressMonitor, SystemdWatchdog, status_line, watchdog_interval_s
 from .points import Point
 from .serial_source import PortStats, SerialSource
 
@@ -150,8 +152,10 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
 class Daemon:
     """Everything `edgeforward run` does, from open to orderly stop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or Notifier(None)
+        self.started_s = time.time()
         buffer_config = config.buffer
         self.buffer = Buffer(
             Path(buffer_config.path),
@@ -159,10 +163,16 @@ class Daemon:
             max_points=buffer_config.max_points,
             full_policy=buffer_config.full_policy,
             commit_interval_ms=buffer_config.commit_interval_ms,
+            max_bytes=buffer_config.max_bytes,
         )
         self.pipelines = [PortPipeline(port, config, self.buffer.submit) for port in config.ports]
         self.forwarders: dict[str, Forwarder] = {}
         self.ready = asyncio.Event()
+        self.metrics: MetricsServer | None = None
+
+    def view(self) -> DaemonView:
+        """Return what metrics, health and the demo read of this daemon."""
+        return DaemonView(self.config, self.buffer, self.forwarders, [p.stats for p in self.pipelines], self.started_s)
 
     def _on_commit(self, committed: Sequence[Committed]) -> None:
         for item in committed:
@@ -179,14 +189,35 @@ class Daemon:
             )
             headers = {"User-Agent": f"edgeforward/{__version__}"}
             async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+                # aiohttp silently resends a GET once after a reset: a live value the cloud may already have
+                # taken would arrive twice. Retries are the forwarder's decision, never the library's.
+                session._retry_connection = False
                 for device in self.config.devices:
                     self.forwarders[device.name] = Forwarder(
                         device, self.buffer, session, self.config.cloud, self.config.forward
                     )
                 self.buffer.add_listener(self._on_commit)
-                await self._run_tasks(stop)
+                await self._start_metrics()
+                try:
+                    await self._run_tasks(stop)
+                finally:
+                    if self.metrics is not None:
+                        await self.metrics.stop()
         finally:
             await self.buffer.close()
+
+    async def _start_metrics(self) -> None:
+        listen = self.config.metrics.listen
+        if listen is None:
+            return
+        server = MetricsServer(self.view())
+        try:
+            await server.start(listen)
+        except OSError as exc:
+            # Forwarding matters more than metrics: say so loudly and go on without them.
+            log.error("metrics_listen_failed", listen=listen, error=exc.strerror or str(exc))
+            return
+        self.metrics = server
 
     async def _run_tasks(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
@@ -210,11 +241,22 @@ class Daemon:
                 queued=self.buffer.queued_total,
             )
             self.ready.set()
+            self.notifier.ready(await status_line(self.buffer, self.forwarders))
+            housekeeping = [snapshots]
+            if self.notifier.enabled:
+                watchdog = SystemdWatchdog(
+                    self.notifier,
+                    ProgressMonitor(self.buffer, self.forwarders, self.config),
+                    lambda: status_line(self.buffer, self.forwarders),
+                    watchdog_interval_s(),
+                )
+                housekeeping.append(group.create_task(watchdog.run(), name="systemd-watchdog"))
             await stop.wait()
             log.info("daemon_stopping")
+            self.notifier.stopping()
             await _cancel_and_wait(readers, STOP_TIMEOUT_S)
             await _cancel_and_wait(forwarders, STOP_TIMEOUT_S)
-            await _cancel_and_wait([snapshots], STOP_TIMEOUT_S)
+            await _cancel_and_wait(housekeeping, STOP_TIMEOUT_S)
             await self.buffer.save_ports(p.snapshot() for p in self.pipelines)
             await self.buffer.set_meta({"running": "0", "stopped": str(now_ms())})
             self.buffer.stop_writer()
@@ -244,7 +286,7 @@ async def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    daemon = Daemon(config)
+    daemon = Daemon(config, notifier=Notifier.from_environ())
     try:
         if on_ready is not None:
             ready_task = asyncio.create_task(_call_when_ready(daemon, on_ready))
@@ -254,6 +296,7 @@ async def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | Non
             loop.remove_signal_handler(signum)
         if on_ready is not None:
             ready_task.cancel()
+        daemon.notifier.close()
 
 
 async def _call_when_ready(daemon: Daemon, on_ready: Callable[[Daemon], None]) -> None:

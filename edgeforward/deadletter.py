@@ -39,7 +39,8 @@ def run_deadletter(config: Config, action: str, *, device: str | None, pin: str 
 
 
 def _filter(db: sqlite3.Connection, device: str | None, pin: int | None) -> tuple[str, list[Any]]:
-    clauses, params = ["1"], []
+    clauses: list[str] = ["1"]
+    params: list[Any] = []
     if device is not None:
         clauses.append("d.device_id = (SELECT id FROM devices WHERE name = ?)")
         params.append(device)

@@ -148,7 +148,6 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._dirty: set[int] = set()
         self._horizon = 0
-        self._history_due = True
         self._live_excluded: set[int] = set()
         self._parked_pins: dict[int, tuple[float, str]] = {}
         self._batch_cap = self._limits.batch_max_points
@@ -199,17 +198,13 @@ class Forwarder:
                 if live and self._dirty and now >= next_live:
                     next_live = now + min(self._live_interval(now), next_utc_month_s(now) - now)
                     await self._live_tick(now)
-                    self._history_due = True
                 if not live and self._dirty:
                     self._horizon = await self._buffer.max_id()
                     self._dirty.clear()
-                    self._history_due = True
-                if (
-                    self._history_due
-                    and now >= max(next_history, self._history_blocked_until)
-                    and await self._history_round(next_live if live else math.inf)
+                if now >= max(next_history, self._history_blocked_until) and await self._history_round(
+                    next_live if live else math.inf
                 ):
-                    self._history_due = False
+                    # Stay due: a cheap look every interval finds points that other processes queued.
                     next_history = now + self._history_interval(now)
                 backoff.reset()
             except TransientError as exc:
@@ -237,7 +232,7 @@ class Forwarder:
                 self._history_blocked_until = wait.until_s
             wake_at = min(
                 next_live if (live and self._dirty) else math.inf,
-                max(next_history, self._history_blocked_until) if self._history_due else math.inf,
+                max(next_history, self._history_blocked_until),
                 self._next_parked_pin(),
             )
             await self._sleep_until(wake_at, wakeable=True)
@@ -299,6 +294,9 @@ class Forwarder:
 
     async def _history_round(self, live_due: float) -> bool:
         """Send history batches (pins in turn, oldest first); False if stopped early for a live tick."""
+        if not self._dirty:
+            # Nothing new awaits a live decision: points added by other processes (import, retry) are history's.
+            self._horizon = await self._buffer.max_id()
         pins = [p for p in await self._buffer.pins_queued(self.device.name) if p not in self._parked_pins]
         self._round_requests = len(pins)
         allocation = await self._allocate(pins)
@@ -453,7 +451,7 @@ class Forwarder:
             next_utc_month_s(now) - now,
             self._forward.live_share,
         )
-        if interval != self.live_interval_s:
+        if not math.isclose(interval, self.live_interval_s, rel_tol=0.05):
             self._log.info("live_interval_changed", seconds=None if math.isinf(interval) else round(interval, 1))
             self.live_interval_s = interval
         return interval
@@ -560,7 +558,6 @@ class Forwarder:
         for pin, (until, _) in list(self._parked_pins.items()):
             if until <= now:
                 del self._parked_pins[pin]
-                self._history_due = True
         return min((until for until, _ in self._parked_pins.values()), default=math.inf)
 
     @property

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .buffer import BUSY_TIMEOUT_MS, LEDGER_FIELDS, utc_day, utc_month
-from .config import Config
+from .config import Config, Limits
+from .forwarder import next_utc_month_s
+from .planner import clear_eta_s, live_interval_s
 
 CONTRACT_LEDGER = ("received", "delivered", "queued", "expired", "dropped", "rejected", "downsampled")
 
@@ -33,7 +38,42 @@ def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]
             _read_devices(db, devices, now_s)
             _read_ports(db, ports)
             daemon = _read_daemon(db)
-    return {"devices": devices, "ports": ports, "daemon": daemon, "buffer": str(path)}
+            recovery = _read_recovery(db, devices)
+    else:
+        recovery = {"buffer_recovery": None, "recoveries": 0}
+    for entry in devices.values():
+        entry.update(_forecast(config, entry, now_s))
+    return {"devices": devices, "ports": ports, "daemon": daemon, "buffer": str(path), **recovery}
+
+
+def _read_recovery(db: sqlite3.Connection, devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the last recovery of a damaged buffer saved and lost, and readings a full disk refused."""
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    failed = json.loads(meta["ingest_failed"]) if meta.get("ingest_failed") else {}
+    for name, entry in devices.items():
+        entry["ingest_failed"] = int(failed.get(name, 0))
+    recoveries = meta.get("recoveries", "0")
+    return {
+        "buffer_recovery": json.loads(meta["recovery"]) if meta.get("recovery") else None,
+        "recoveries": int(recoveries) if recoveries.isdigit() else 0,
+    }
+
+
+def _forecast(config: Config, entry: dict[str, Any], now_s: float) -> dict[str, Any]:
+    """Budget limits, the live interval in effect and when the backlog clears at the current budget."""
+    limits = config.cloud.limits
+    forward = config.forward
+    messages_left = (
+        max(0, limits.messages_per_month - entry["messages_this_month"]) if limits.messages_per_month else None
+    )
+    live = live_interval_s(forward.live_interval_s, messages_left, next_utc_month_s(now_s) - now_s, forward.live_share)
+    clears = clear_eta_s(entry["queued"], limits.points_per_day, limits.points_per_day - entry["points_today"], now_s)
+    return {
+        "points_per_day_limit": limits.points_per_day,
+        "messages_per_month_limit": limits.messages_per_month,
+        "live_interval_s": None if math.isinf(live) else round(live, 1),
+        "backlog_clears_in_s": None if clears is None else round(clears),
+    }
 
 
 def _empty_device() -> dict[str, Any]:
@@ -48,6 +88,7 @@ def _empty_device() -> dict[str, Any]:
         "reason": None,
         "last_success_ts": None,
         "deadletter": 0,
+        "ingest_failed": 0,
     }
 
 
@@ -142,51 +183,103 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def render_status(document: dict[str, Any], console: Console) -> None:
+def render_status(document: dict[str, Any], console: Console, limits: Limits | None = None) -> None:
     """Print the status document as tables."""
+    console.print(status_view(document, limits))
+
+
+def status_view(document: dict[str, Any], limits: Limits | None = None, *, now_s: float | None = None) -> Group:
+    """Return the human view of a status document: a headline, the devices and the ports."""
+    now = time.time() if now_s is None else now_s
     daemon = document["daemon"]
-    running = f"running (pid {daemon['pid']})" if daemon["running"] else "not running"
-    console.print(f"edgeforward {running}; buffer {document['buffer']}")
-    devices = Table(title="devices", title_justify="left")
-    for column in ("device", "state", "received", "delivered", "queued", "expired", "dropped", "rejected"):
-        devices.add_column(column, justify="left" if column in ("device", "state") else "right")
-    devices.add_column("oldest queued")
-    devices.add_column("today / month")
-    for name, entry in document["devices"].items():
-        state = entry["state"] + (f" ({entry['reason']})" if entry.get("reason") else "")
-        devices.add_row(
-            name,
+    running = f"[green]running[/] (pid {daemon['pid']})" if daemon["running"] else "[yellow]not running[/]"
+    headline = Text.from_markup(f"edgeforward {running}  buffer {escape(document['buffer'])}")
+    return Group(
+        headline,
+        _devices_table(document["devices"], limits, now),
+        _ports_table(document["ports"], running=bool(daemon["running"])),
+    )
+
+
+def _devices_table(devices: dict[str, Any], limits: Limits | None, now: float) -> Table:
+    table = Table(title="devices", title_justify="left", expand=False)
+    table.add_column("device")
+    table.add_column("state (why)")
+    for column in ("received", "delivered live/history", "queued", "expired", "dropped", "rejected"):
+        table.add_column(column, justify="right")
+    table.add_column("oldest queued", justify="right")
+    table.add_column("budget: points today", justify="right")
+    table.add_column("messages this month", justify="right")
+    table.add_column("last success", justify="right")
+    for name, entry in devices.items():
+        state = f"[{_STATE_STYLES.get(entry['state'], 'white')}]{entry['state']}[/]"
+        if entry.get("reason"):
+            state += f" ({escape(str(entry['reason']))})"
+        rejected = str(entry["rejected"]) + (f" ({entry['deadletter']} in dead letters)" if entry["deadletter"] else "")
+        table.add_row(
+            escape(name),
             state,
-            *(str(entry[key]) for key in ("received", "delivered", "queued", "expired", "dropped", "rejected")),
-            _age(entry["oldest_queued_ts"]),
-            f"{entry['points_today']} pts / {entry['messages_this_month']} msgs",
+            str(entry["received"]),
+            f"{entry['delivered']} ({entry['delivered_live']}/{entry['delivered_history']})",
+            str(entry["queued"]),
+            str(entry["expired"]),
+            str(entry["dropped"]),
+            rejected,
+            _age(entry["oldest_queued_ts"], now),
+            _used(entry["points_today"], limits.points_per_day if limits else 0),
+            _used(entry["messages_this_month"], limits.messages_per_month if limits else 0),
+            _age(entry["last_success_ts"], now, suffix=" ago"),
         )
-    console.print(devices)
-    ports = Table(title="ports", title_justify="left")
-    for column in ("port", "state", "ok", "bad", "ignored", "reconnects", "bad by reason"):
-        ports.add_column(column)
-    for path, entry in document["ports"].items():
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(entry["bad_reasons"].items()))
-        ports.add_row(
-            path,
-            entry["state"],
+    return table
+
+
+def _ports_table(ports: dict[str, Any], *, running: bool) -> Table:
+    table = Table(title="ports", title_justify="left", expand=False)
+    table.add_column("port")
+    table.add_column("state")
+    for column in ("lines ok", "bad", "ignored", "reconnects"):
+        table.add_column(column, justify="right")
+    table.add_column("bad by reason")
+    table.add_column("ignored by reason")
+    for path, entry in ports.items():
+        style = "green" if entry["state"] == "open" else "red"
+        state = f"[{style}]{entry['state']}[/]" if running else "closed (daemon stopped)"
+        table.add_row(
+            escape(path),
+            state,
             str(entry["lines_ok"]),
             str(entry["lines_bad"]),
             str(entry["lines_ignored"]),
             str(entry["reconnects"]),
-            reasons,
+            escape(_reasons(entry["bad_reasons"])),
+            escape(_reasons(entry["ignored_reasons"])),
         )
-    console.print(ports)
+    return table
 
 
-def _age(ts_ms: int | None) -> str:
+_STATE_STYLES = {"online": "green", "offline": "red", "parked": "red", "unknown": "yellow"}
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())) or "-"
+
+
+def _used(used: int, limit: int) -> str:
+    if not limit:
+        return f"{used} (no limit)"
+    return f"{used} / {limit} ({100 * used / limit:.0f}%)"
+
+
+def _age(ts_ms: int | None, now: float, suffix: str = "") -> str:
     if ts_ms is None:
         return "-"
-    seconds = max(0, int(time.time() - ts_ms / 1000))
+    seconds = max(0, int(now - ts_ms / 1000))
     if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 172800:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} d"
+        text = f"{seconds} s"
+    elif seconds < 7200:
+        text = f"{seconds // 60} min"
+    elif seconds < 172800:
+        text = f"{seconds // 3600} h"
+    else:
+        text = f"{seconds // 86400} d"
+    return text + suffix

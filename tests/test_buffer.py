@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from edgeforward.buffer import Buffer, Committed
+from edgeforward.buffer import _SCHEMA, META_INGEST_FAILED, SCHEMA_VERSION, Buffer, BufferFullError, Committed
 from edgeforward.points import Point
 
 BASE_TS = 1_764_000_000_000
@@ -154,7 +155,7 @@ async def test_state_server_and_ports_persist(tmp_path: Path) -> None:
     assert b"secret-token" not in raw
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT state, reason FROM device_state").fetchone() == ("parked", "Invalid token.")
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -184,3 +185,89 @@ async def test_values_keep_their_types(buffer: Buffer) -> None:
     )
     stored = {pin: (await buffer.oldest("pump", pin, 1))[0].value_json for pin in range(1, 6)}
     assert stored == {1: "17", 2: "17.0", 3: '"door open"', 4: "true", 5: "[24.1,56.9]"}
+
+
+async def file_pages(buf: Buffer) -> int:
+    with sqlite3.connect(buf.path) as db:
+        return int(db.execute("PRAGMA page_count").fetchone()[0])
+
+
+async def test_disk_full_never_crashes_and_ingest_resumes(buffer: Buffer) -> None:
+    await buffer.submit(points("pump", 1, 200))
+    await buffer.set_page_limit(await file_pages(buffer))
+    big = [Point("pump", 1, BASE_TS + i, "x" * 200) for i in range(2000)]
+    with pytest.raises(BufferFullError):
+        await buffer.submit(big)
+    counts = await buffer.ledger("pump")
+    assert counts["received"] == 200 and ledger_adds_up(counts)
+    assert buffer.ingest_failed == {"pump": 2000}
+    # Forwarding goes on while the disk is full, and frees space.
+    delivered = await buffer.deliver("pump", [p.id for p in await buffer.oldest("pump", 1, 100)], "history")
+    assert delivered == 100
+    await buffer.set_page_limit(1_000_000)
+    await buffer.submit(points("pump", 1, 10, start=500))
+    counts = await buffer.ledger("pump")
+    assert counts["received"] == 210 and counts["queued"] == 110 and ledger_adds_up(counts)
+    with sqlite3.connect(buffer.path) as db:
+        stored = db.execute("SELECT value FROM meta WHERE key = ?", (META_INGEST_FAILED,)).fetchone()[0]
+    assert json.loads(stored) == {"pump": 2000}
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+async def test_byte_cap_really_caps(tmp_path: Path, policy: str) -> None:
+    cap = 256 * 1024
+    buf = Buffer(tmp_path / "b.db", max_bytes=cap, full_policy=policy)
+    await buf.open()
+    writer = asyncio.create_task(buf.run_writer())
+    for batch in range(30):
+        await buf.submit([Point("pump", 1, BASE_TS + batch * 1000 + i, float(i)) for i in range(1000)])
+    counts = await buf.ledger("pump")
+    assert counts["received"] == 30_000 and counts["dropped"] > 0 and counts["queued"] > 0
+    assert ledger_adds_up(counts)
+    assert await file_pages(buf) * 4096 <= cap
+    oldest = (await buf.oldest("pump", 1, 1))[0].ts_ms
+    newest = await buf.newest("pump", 1)
+    assert newest is not None
+    if policy == "drop_oldest":
+        assert newest.ts_ms == BASE_TS + 29 * 1000 + 999 and oldest > BASE_TS
+    else:
+        assert oldest == BASE_TS and newest.ts_ms < BASE_TS + 29 * 1000
+    buf.stop_writer()
+    await writer
+    await buf.close()
+    assert (tmp_path / "b.db").stat().st_size <= cap
+
+
+async def test_file_shrinks_after_a_backlog_drains(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    buf = Buffer(path)
+    await buf.open()
+    writer = asyncio.create_task(buf.run_writer())
+    for batch in range(10):
+        await buf.submit([Point("pump", 1, BASE_TS + batch * 10_000 + i, float(i)) for i in range(10_000)])
+    full = await file_pages(buf)
+    while batch_ := await buf.oldest("pump", 1, 5000):
+        await buf.deliver("pump", [p.id for p in batch_], "history")
+    await buf.submit(points("pump", 1, 1))
+    buf.stop_writer()
+    await writer
+    await buf.close()
+    assert path.stat().st_size < full * 4096 // 4
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+async def test_version_1_file_is_migrated_to_incremental_vacuum(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA + "; PRAGMA user_version = 1;")
+        db.execute("INSERT INTO devices (id, name) VALUES (1, 'pump')")
+        db.execute("INSERT INTO ledger (device_id, received, queued) VALUES (1, 1, 1)")
+        db.execute("INSERT INTO points (device_id, pin, ts, value) VALUES (1, 1, 5, '1.0')")
+    buf = Buffer(path)
+    await buf.open()
+    assert buf.recovery is None and (await buf.ledger("pump"))["queued"] == 1
+    await buf.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -156,7 +156,7 @@ async def test_bad_lines_counted_and_wrong_token_parked(
     garbage = ["hello world", "v9=1", "v2=1.5", "v1=abc", "dev=nobody v1=1", "v1=1 v1=2", "{not json"]
     for i, bad in enumerate(garbage, start=1):
         pty_port.write(f"{bad}\nv1=1.0 v2={i}\ndev=fan v1={i}.5\n")
-    pty_port.write_bytes(b"v1=\xff\xfe v2=99\n\n\nv2=100\n")
+    pty_port.write_bytes(b"v3=caf\xc3( v2=99\n\n\nv2=100\n")
     await drained(daemon, "pump", 2 * (1 + len(garbage)) + 1)
     await wait_for(lambda: daemon.status()["devices"]["fan"]["state"] == "parked", 10, interval=0.2)
     document = daemon.status()

@@ -1,0 +1,281 @@
+"""Prometheus metrics and the /healthz endpoint, read from the ledger and the live daemon at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
+
+from .buffer import Buffer
+from .config import Config, split_listen
+from .forwarder import DeviceState, Forwarder
+from .serial_source import PortState, PortStats
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "edgeforward"
+DEVICE_STATES = tuple(state.value for state in DeviceState)
+LINE_RESULTS = ("ok", "bad", "ignored")
+QUOTA_REASON_PREFIX = "quota"
+STOP_GRACE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSnapshot:
+    """One device as read at scrape time."""
+
+    name: str
+    ledger: Mapping[str, int]
+    points_today: int
+    messages_this_month: int
+    oldest_ts_ms: int | None
+    state: str
+    reason: str | None
+    outcomes: Mapping[str, int]
+    last_success_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one scrape or health check reports, read at one moment."""
+
+    now_s: float
+    started_s: float
+    commits: int
+    devices: Sequence[DeviceSnapshot]
+    ports: Sequence[PortStats]
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The answer of /healthz: healthy, and why not."""
+
+    ok: bool
+    reasons: tuple[str, ...] = field(default=())
+
+
+class DaemonView:
+    """The parts of a running daemon that metrics and health read."""
+
+    def __init__(
+        self,
+        config: Config,
+        buffer: Buffer,
+        forwarders: Mapping[str, Forwarder],
+        ports: Sequence[PortStats],
+        started_s: float,
+    ) -> None:
+        self.config = config
+        self.buffer = buffer
+        self.forwarders = forwarders
+        self.ports = ports
+        self.started_s = started_s
+
+    async def snapshot(self, now_s: float | None = None) -> Snapshot:
+        """Read the ledger, budgets and live state now."""
+        now = time.time() if now_s is None else now_s
+        devices = []
+        for name, forwarder in self.forwarders.items():
+            budget = await self.buffer.budget(name, now)
+            devices.append(
+                DeviceSnapshot(
+                    name=name,
+                    ledger=await self.buffer.ledger(name),
+                    points_today=budget.points_day,
+                    messages_this_month=budget.messages_month,
+                    oldest_ts_ms=await self.buffer.oldest_ts(name),
+                    state=str(forwarder.state),
+                    reason=forwarder.reason,
+                    outcomes=dict(forwarder.outcomes),
+                    last_success_s=forwarder.last_success_s,
+                )
+            )
+        return Snapshot(now, self.started_s, self.buffer.commits, devices, list(self.ports))
+
+
+def health(snapshot: Snapshot, config: Config) -> Health:
+    """Healthy while points are forwarded or nothing is due; not when the cloud stalls or a port is absent."""
+    reasons: list[str] = []
+    for port in snapshot.ports:
+        if port.state is not PortState.OPEN:
+            detail = f": {port.last_error}" if port.last_error else ""
+            reasons.append(f"port {port.path} is absent{detail}")
+    limits = config.cloud.limits
+    stale_after = config.metrics.stale_after_s
+    for device in snapshot.devices:
+        queued = device.ledger["queued"]
+        if queued == 0 or _budget_spent(device, limits.points_per_day, limits.messages_per_month):
+            continue
+        if (device.reason or "").startswith(QUOTA_REASON_PREFIX):
+            continue
+        # Points wait since the later of: the last success, the daemon's start, the oldest point's stamp.
+        waiting_since = max(
+            device.last_success_s or 0.0,
+            snapshot.started_s,
+            (device.oldest_ts_ms or 0) / 1000,
+        )
+        waited = snapshot.now_s - waiting_since
+        if waited > stale_after:
+            why = f" ({device.state}: {device.reason})" if device.reason else f" ({device.state})"
+            reasons.append(
+                f"device {device.name}: the cloud accepted nothing for {waited:.0f} s "
+                f"while {queued} points are queued{why}"
+            )
+    return Health(not reasons, tuple(reasons))
+
+
+def _budget_spent(device: DeviceSnapshot, points_per_day: int, messages_per_month: int) -> bool:
+    return bool(
+        (points_per_day and device.points_today >= points_per_day)
+        or (messages_per_month and device.messages_this_month >= messages_per_month)
+    )
+
+
+class SnapshotCollector:
+    """A prometheus-client collector over one snapshot (built per scrape, so it matches the ledger)."""
+
+    def __init__(self, snapshot: Snapshot, config: Config) -> None:
+        self._snapshot = snapshot
+        self._config = config
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield every metric family."""
+        yield from self._devices()
+        yield from self._ports()
+        snapshot = self._snapshot
+        commits = CounterMetricFamily(f"{PREFIX}_buffer_commits", "Group commits of the buffer writer since start")
+        commits.add_metric([], snapshot.commits)
+        yield commits
+        healthy = GaugeMetricFamily(f"{PREFIX}_healthy", "1 when /healthz answers 200")
+        healthy.add_metric([], 1.0 if health(snapshot, self._config).ok else 0.0)
+        yield healthy
+
+    def _devices(self) -> Iterable[Metric]:
+        devices = self._snapshot.devices
+        limits = self._config.cloud.limits
+        counters = {
+            key: CounterMetricFamily(f"{PREFIX}_points_{key}", f"Points {key} (ledger)", labels=["device"])
+            for key in ("received", "expired", "dropped", "rejected", "downsampled")
+        }
+        delivered = CounterMetricFamily(
+            f"{PREFIX}_points_delivered", "Points the cloud accepted (ledger), by path", labels=["device", "path"]
+        )
+        queued = GaugeMetricFamily(f"{PREFIX}_points_queued", "Points in the buffer (ledger)", labels=["device"])
+        requests = CounterMetricFamily(
+            f"{PREFIX}_requests", "Requests to the cloud since start, by outcome", labels=["device", "outcome"]
+        )
+        today = GaugeMetricFamily(f"{PREFIX}_points_today", "Timestamped points spent today (UTC)", labels=["device"])
+        month = GaugeMetricFamily(f"{PREFIX}_messages_this_month", "Messages spent this month (UTC)", labels=["device"])
+        points_left = GaugeMetricFamily(
+            f"{PREFIX}_points_budget_left", "Timestamped points left today (absent: unlimited)", labels=["device"]
+        )
+        messages_left = GaugeMetricFamily(
+            f"{PREFIX}_messages_budget_left", "Messages left this month (absent: unlimited)", labels=["device"]
+        )
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_oldest_queued_age_seconds", "Age of the oldest queued point (0: none)", labels=["device"]
+        )
+        state = GaugeMetricFamily(
+            f"{PREFIX}_device_state", "1 for the device's current state", labels=["device", "state"]
+        )
+        last_success = GaugeMetricFamily(
+            f"{PREFIX}_last_success_timestamp_seconds", "When the cloud last accepted a request", labels=["device"]
+        )
+        for device in devices:
+            name = [device.name]
+            for key, family in counters.items():
+                family.add_metric(name, device.ledger[key])
+            delivered.add_metric([device.name, "live"], device.ledger["delivered_live"])
+            delivered.add_metric([device.name, "history"], device.ledger["delivered_history"])
+            queued.add_metric(name, device.ledger["queued"])
+            for outcome, count in sorted(device.outcomes.items()):
+                requests.add_metric([device.name, outcome], count)
+            today.add_metric(name, device.points_today)
+            month.add_metric(name, device.messages_this_month)
+            if limits.points_per_day:
+                points_left.add_metric(name, max(0, limits.points_per_day - device.points_today))
+            if limits.messages_per_month:
+                messages_left.add_metric(name, max(0, limits.messages_per_month - device.messages_this_month))
+            age = 0.0 if device.oldest_ts_ms is None else max(0.0, self._snapshot.now_s - device.oldest_ts_ms / 1000)
+            oldest.add_metric(name, age)
+            for value in DEVICE_STATES:
+                state.add_metric([device.name, value], 1.0 if device.state == value else 0.0)
+            if device.last_success_s is not None:
+                last_success.add_metric(name, device.last_success_s)
+        yield from counters.values()
+        yield from (delivered, queued, requests, today, month, points_left, messages_left, oldest, state)
+        yield last_success
+
+    def _ports(self) -> Iterable[Metric]:
+        lines = CounterMetricFamily(f"{PREFIX}_port_lines", "Lines read, by result", labels=["port", "result"])
+        bad = CounterMetricFamily(f"{PREFIX}_port_lines_bad", "Rejected lines, by reason", labels=["port", "reason"])
+        ignored = CounterMetricFamily(
+            f"{PREFIX}_port_lines_ignored", "Ignored lines, by reason", labels=["port", "reason"]
+        )
+        up = GaugeMetricFamily(f"{PREFIX}_port_open", "1 while the port is open, 0 while absent", labels=["port"])
+        reconnects = CounterMetricFamily(f"{PREFIX}_port_reconnects", "Re-opens after the first open", labels=["port"])
+        for port in self._snapshot.ports:
+            for result, count in zip(LINE_RESULTS, (port.lines_ok, port.lines_bad, port.lines_ignored), strict=True):
+                lines.add_metric([port.path, result], count)
+            for reason, count in sorted(port.bad_reasons.items()):
+                bad.add_metric([port.path, reason], count)
+            for reason, count in sorted(port.ignored_reasons.items()):
+                ignored.add_metric([port.path, reason], count)
+            up.add_metric([port.path], 1.0 if port.state is PortState.OPEN else 0.0)
+            reconnects.add_metric([port.path], port.reconnects)
+        yield from (lines, bad, ignored, up, reconnects)
+
+
+def render_metrics(snapshot: Snapshot, config: Config) -> bytes:
+    """Return the Prometheus text exposition of one snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot, config))
+    return generate_latest(registry)
+
+
+class MetricsServer:
+    """The HTTP server of /metrics and /healthz."""
+
+    def __init__(self, view: DaemonView) -> None:
+        self._view = view
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        self._app = app
+
+    async def start(self, listen: str) -> None:
+        """Listen on HOST:PORT."""
+        host, port = split_listen(listen)
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False, shutdown_timeout=STOP_GRACE_S)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        log.info("metrics_listening", listen=listen)
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        snapshot = await self._view.snapshot()
+        body = render_metrics(snapshot, self._view.config)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        result = health(await self._view.snapshot(), self._view.config)
+        if result.ok:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text="\n".join(result.reasons) + "\n")

@@ -1,0 +1,271 @@
+"""systemd integration: the sd_notify datagram protocol, and a watchdog that pings only on forward progress."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import aiosqlite
+import structlog
+
+from .buffer import Buffer
+from .config import Config
+from .forwarder import PIN_PARK_RECHECK_S, DeviceState, Forwarder
+
+log = structlog.get_logger(__name__)
+
+NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
+WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
+WATCHDOG_PID_ENV = "WATCHDOG_PID"
+STATUS_INTERVAL_S = 10.0  # how often STATUS= is refreshed when no watchdog asks for more
+MIN_TICK_S = 0.05
+STALL_MARGIN_S = 30.0  # slack on top of the longest sleep a forwarder takes by design
+QUOTA_OUTCOME = "refused_quota"
+
+
+class Notifier:
+    """Sends sd_notify messages to $NOTIFY_SOCKET; does nothing when it is unset."""
+
+    def __init__(self, address: str | None) -> None:
+        self._address: str | None = None
+        self._socket: socket.socket | None = None
+        self._failed = False
+        if address:
+            # A leading '@' names a socket in the abstract namespace (a leading NUL byte on the wire).
+            self._address = "\0" + address[1:] if address.startswith("@") else address
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket.setblocking(False)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Notifier:
+        """Return a notifier for the socket systemd handed this process, if any."""
+        env = os.environ if environ is None else environ
+        return cls(env.get(NOTIFY_SOCKET_ENV))
+
+    @property
+    def enabled(self) -> bool:
+        """True when there is a socket to notify."""
+        return self._socket is not None
+
+    def send(self, *assignments: str) -> bool:
+        """Send `KEY=VALUE` assignments in one datagram; return False if it could not be sent."""
+        if self._socket is None or self._address is None:
+            return False
+        message = "\n".join(assignments).encode()
+        try:
+            self._socket.sendto(message, self._address)
+        except OSError as exc:
+            if not self._failed:
+                log.warning("sd_notify_failed", error=exc.strerror or str(exc))
+            self._failed = True
+            return False
+        self._failed = False
+        return True
+
+    def ready(self, status: str) -> bool:
+        """Tell systemd start-up is complete."""
+        return self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def stopping(self) -> bool:
+        """Tell systemd the service is stopping."""
+        return self.send("STOPPING=1", "STATUS=stopping")
+
+    def status(self, text: str) -> bool:
+        """Set the one-line status `systemctl status` shows."""
+        return self.send(f"STATUS={_one_line(text)}")
+
+    def watchdog(self) -> bool:
+        """Tell systemd the service is making progress."""
+        return self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def watchdog_interval_s(environ: Mapping[str, str] | None = None) -> float | None:
+    """Return how often to ping the watchdog (half of WATCHDOG_USEC), or None when it is off for us."""
+    env = os.environ if environ is None else environ
+    usec = env.get(WATCHDOG_USEC_ENV, "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    pid = env.get(WATCHDOG_PID_ENV, "")
+    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2 / 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    attempt_s: float | None
+    attempts: int
+
+
+class ProgressMonitor:
+    """Decides whether the writer and every forwarder made progress since the previous check."""
+
+    def __init__(
+        self,
+        buffer: Buffer,
+        forwarders: Mapping[str, Forwarder],
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._buffer = buffer
+        self._forwarders = forwarders
+        self._config = config
+        self._clock = clock
+        self._commits = buffer.commits
+        started = clock()
+        self._marks: dict[str, _Mark] = {}
+        self._progress_s: dict[str, float] = dict.fromkeys(forwarders, started)
+        self._last_outcome: dict[str, str | None] = dict.fromkeys(forwarders)
+        self._outcomes: dict[str, dict[str, int]] = {name: {} for name in forwarders}
+
+    async def stalls(self, probe_timeout_s: float) -> list[str]:
+        """Return why the daemon is not progressing (empty when it is)."""
+        problems: list[str] = []
+        writer = await self._writer_stall(probe_timeout_s)
+        if writer is not None:
+            # Forwarders read through the writer (budgets, deliveries): judge them once it moves again.
+            return [writer]
+        for name, forwarder in self._forwarders.items():
+            problem = await self._forwarder_stall(name, forwarder)
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    async def _writer_stall(self, probe_timeout_s: float) -> str | None:
+        if self._buffer.commits != self._commits:
+            self._commits = self._buffer.commits
+            return None
+        # No commit since the last check: an empty write proves the writer drains what is pending.
+        try:
+            await asyncio.wait_for(self._buffer.run_op(_no_op), probe_timeout_s)
+        except TimeoutError:
+            return f"buffer writer has not committed for {probe_timeout_s:.1f} s"
+        except Exception as exc:  # noqa: BLE001 (any failure of the probe means the writer is not progressing)
+            return f"buffer writer failed: {type(exc).__name__}"
+        self._commits = self._buffer.commits
+        return None
+
+    async def _forwarder_stall(self, name: str, forwarder: Forwarder) -> str | None:
+        now = self._clock()
+        mark = _Mark(forwarder.last_attempt_s, sum(forwarder.outcomes.values()))
+        if mark != self._marks.get(name):
+            self._marks[name] = mark
+            self._progress_s[name] = now
+            self._note_outcome(name, forwarder)
+            return None
+        if (await self._buffer.ledger(name))["queued"] == 0:
+            self._progress_s[name] = now
+            return None
+        quota = self._last_outcome.get(name) == QUOTA_OUTCOME or (forwarder.reason or "").startswith("quota")
+        if quota or await self._budget_spent(name, now):
+            self._progress_s[name] = now
+            return None
+        idle = now - self._progress_s[name]
+        allowance = self.allowance_s(forwarder)
+        if idle > allowance:
+            return f"forwarder {name} has points due and made no attempt for {idle:.0f} s"
+        return None
+
+    def _note_outcome(self, name: str, forwarder: Forwarder) -> None:
+        previous = self._outcomes[name]
+        current = dict(forwarder.outcomes)
+        changed = [key for key, count in current.items() if count != previous.get(key, 0)]
+        if changed:
+            self._last_outcome[name] = changed[-1] if len(changed) == 1 else None
+        self._outcomes[name] = current
+
+    async def _budget_spent(self, name: str, now: float) -> bool:
+        limits = self._config.cloud.limits
+        budget = await self._buffer.budget(name, now)
+        return bool(
+            (limits.points_per_day and budget.points_day >= limits.points_per_day)
+            or (limits.messages_per_month and budget.messages_month >= limits.messages_per_month)
+        )
+
+    def allowance_s(self, forwarder: Forwarder) -> float:
+        """Return the longest a forwarder with points due may go without an attempt, by design."""
+        forward = self._config.forward
+        longest = max(forward.live_interval_s, forward.history_interval_s, forward.retry_max_s)
+        if forwarder.state is DeviceState.PARKED:
+            longest = max(longest, forward.park_recheck_s)
+        if forwarder.parked_pins:
+            longest = max(longest, PIN_PARK_RECHECK_S)
+        return longest + 2 * self._config.cloud.timeout_s + STALL_MARGIN_S
+
+
+async def _no_op(_conn: aiosqlite.Connection) -> None:
+    return None
+
+
+async def status_line(buffer: Buffer, forwarders: Mapping[str, Forwarder]) -> str:
+    """Return the one-line STATUS= text: queued and delivered counts and the devices' states."""
+    delivered = 0
+    for name in forwarders:
+        ledger = await buffer.ledger(name)
+        delivered += ledger["delivered_live"] + ledger["delivered_history"]
+    states = ", ".join(f"{name} {forwarder.state}" for name, forwarder in forwarders.items())
+    return f"queued {buffer.queued_total}, delivered {delivered}; {states}"
+
+
+class SystemdWatchdog:
+    """Sends STATUS= periodically and WATCHDOG=1 while the monitor sees progress."""
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        monitor: ProgressMonitor,
+        status: Callable[[], Awaitable[str]],
+        interval_s: float | None,
+    ):
+        self._notifier = notifier
+        self._monitor = monitor
+        self._status = status
+        self._interval_s = interval_s
+        self.pings = 0
+        self.stalled: list[str] = []
+
+    @property
+    def tick_s(self) -> float:
+        """How often the loop runs."""
+        if self._interval_s is None:
+            return STATUS_INTERVAL_S
+        return max(MIN_TICK_S, min(self._interval_s, STATUS_INTERVAL_S))
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        last_status = ""
+        while True:
+            if self._interval_s is not None:
+                # Half the tick for the probe, so a healthy writer answers before the next ping is due.
+                stalls = await self._monitor.stalls(self.tick_s / 2)
+                self._report(stalls)
+                if not stalls:
+                    self._notifier.watchdog()
+                    self.pings += 1
+            text = await self._status() if not self.stalled else "stalled: " + "; ".join(self.stalled)
+            if text != last_status:
+                self._notifier.status(text)
+                last_status = text
+            await asyncio.sleep(self.tick_s)
+
+    def _report(self, stalls: list[str]) -> None:
+        if stalls and stalls != self.stalled:
+            log.error("watchdog_withheld", reasons=stalls)
+        elif not stalls and self.stalled:
+            log.info("watchdog_progress_again")
+        self.stalled = stalls

@@ -1,0 +1,49 @@
+"""The command line as a user runs it: check-config on the example config, bad configs, the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .conftest import edgeforward
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "edgeforward.toml"
+DEMO_TIMEOUT_S = 90
+
+
+def test_example_config_passes_check_config() -> None:
+    result = edgeforward("check-config", "--config", str(EXAMPLE), env={"PUMP_TOKEN": "example-token-0123456789"})
+    assert result.returncode == 0, result.stderr
+    assert "ok (1 devices, 1 ports)" in result.stdout
+
+
+def test_example_config_with_metrics_enabled_passes(tmp_path: Path) -> None:
+    config = tmp_path / "edgeforward.toml"
+    config.write_text(EXAMPLE.read_text().replace('# listen = "127.0.0.1:9108"', 'listen = "127.0.0.1:9108"'))
+    result = edgeforward("check-config", "--config", str(config), env={"PUMP_TOKEN": "example-token-0123456789"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_bad_config_exits_2_and_names_each_key(tmp_path: Path) -> None:
+    config = tmp_path / "edgeforward.toml"
+    text = (
+        EXAMPLE.read_text()
+        .replace('v3 = "string"', 'v3 = "decimal"')
+        .replace("stale_after_s = 900", "stale_after_s = -1")
+    )
+    config.write_text(text)
+    result = edgeforward("check-config", "--config", str(config), env={"PUMP_TOKEN": "example-token-0123456789"})
+    assert result.returncode == 2
+    assert 'device[0].pins.v3.type: expected one of integer|double|string|boolean|enum|location, got "decimal"' in (
+        result.stderr
+    )
+    assert "metrics.stale_after_s" in result.stderr
+    missing_token = edgeforward("check-config", "--config", str(EXAMPLE), env={"PUMP_TOKEN": ""})
+    assert missing_token.returncode == 2 and "device[0].token_env" in missing_token.stderr
+
+
+def test_demo_headless_ends_by_itself_with_exit_0() -> None:
+    result = edgeforward("demo", "--headless", "--duration", "8", timeout=DEMO_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cloud outage begins" in result.stdout and "cloud is back" in result.stdout
+    assert "nothing lost, nothing sent twice" in result.stdout
+    assert "demo-device-token" not in result.stdout + result.stderr

@@ -1,0 +1,272 @@
+"""sd_notify and the watchdog: a real AF_UNIX datagram socket, the daemon as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from edgeforward.buffer import Buffer
+from edgeforward.cloudsim import CloudSim
+from edgeforward.config import load_config
+from edgeforward.forwarder import Forwarder
+from edgeforward.notify import Notifier, ProgressMonitor, watchdog_interval_s
+from edgeforward.points import Point
+
+from .conftest import TOKEN, Pty, wait_for, write_config
+
+PUMP = {"name": "pump", "token": TOKEN, "pins": {"v1": "double", "v2": "integer"}}
+WATCHDOG_USEC = 600_000  # pings every 0.3 s
+RECV_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 15.0
+
+
+class NotifySocket:
+    """The listening end systemd would hold: collects every datagram."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.setblocking(False)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def drain(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def has(self, key: str, value: str | None = None) -> bool:
+        self.drain()
+        return any(key in f and (value is None or f[key] == value) for _, f in self.messages)
+
+    def pings_since(self, since: float) -> int:
+        self.drain()
+        return sum(1 for at, f in self.messages if at >= since and f.get("WATCHDOG") == "1")
+
+    def statuses(self) -> list[str]:
+        self.drain()
+        return [f["STATUS"] for _, f in self.messages if "STATUS" in f]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def abstract_socket() -> Iterator[NotifySocket]:
+    listener = NotifySocket(f"@edgeforward-test-{uuid.uuid4().hex}")
+    yield listener
+    listener.close()
+
+
+@contextlib.contextmanager
+def daemon_with(config: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    log = (config.parent / "daemon.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgeforward", "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+    )
+    log.close()
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(STOP_TIMEOUT_S)
+
+
+def test_notifier_reaches_path_and_abstract_sockets() -> None:
+    with tempfile.TemporaryDirectory(prefix="ef-") as tmp:  # short: sun_path holds 108 bytes
+        for address in (f"{tmp}/notify", f"@edgeforward-unit-{uuid.uuid4().hex}"):
+            listener = NotifySocket(address)
+            notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
+            assert notifier.enabled
+            assert notifier.ready("starting")
+            assert notifier.watchdog()
+            notifier.close()
+            listener.drain()
+            assert [f for _, f in listener.messages] == [
+                {"READY": "1", "STATUS": "starting", "MAINPID": str(os.getpid())},
+                {"WATCHDOG": "1"},
+            ]
+            listener.close()
+
+
+def test_notifier_without_socket_or_with_a_vanished_one_does_not_raise() -> None:
+    assert not Notifier.from_environ({}).send("READY=1")
+    with tempfile.TemporaryDirectory(prefix="ef-") as tmp:
+        notifier = Notifier(f"{tmp}/gone")
+        assert notifier.enabled and not notifier.ready("x")
+        notifier.close()
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec_for_this_process_only() -> None:
+    assert watchdog_interval_s({}) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}) == 1.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+
+
+async def test_daemon_notifies_ready_status_watchdog_and_stopping(
+    tmp_path: Path, cloud: CloudSim, pty_port: Pty, abstract_socket: NotifySocket
+) -> None:
+    config = write_config(tmp_path, str(cloud.url), [{"path": pty_port.path, "device": "pump"}], [PUMP])
+    env = {"NOTIFY_SOCKET": abstract_socket.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    with daemon_with(config, env) as process:
+        await wait_for(lambda: abstract_socket.has("READY", "1"), RECV_TIMEOUT_S)
+        # READY=1 comes once the buffer is open.
+        assert (tmp_path / "buffer.db").exists()
+        assert abstract_socket.statuses()[0].startswith("queued 0, delivered 0")
+        for i in range(10):
+            pty_port.write(f"v1={i}.5 v2={i}\n")
+        await wait_for(lambda: any("delivered 20" in s for s in abstract_socket.statuses()), RECV_TIMEOUT_S)
+        since = time.monotonic()
+        await wait_for(lambda: abstract_socket.pings_since(since) >= 3, RECV_TIMEOUT_S)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(STOP_TIMEOUT_S) == 0
+    assert abstract_socket.has("STOPPING", "1")
+    assert TOKEN not in "".join(abstract_socket.statuses())
+
+
+async def test_watchdog_withheld_while_the_writer_is_stuck_and_resumed_after(
+    tmp_path: Path, cloud: CloudSim, pty_port: Pty, abstract_socket: NotifySocket
+) -> None:
+    config = write_config(tmp_path, str(cloud.url), [{"path": pty_port.path, "device": "pump"}], [PUMP])
+    env = {"NOTIFY_SOCKET": abstract_socket.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    with daemon_with(config, env):
+        await wait_for(lambda: abstract_socket.pings_since(0) >= 2, RECV_TIMEOUT_S)
+        # Another process holds the database's write lock: the daemon's writer blocks in BEGIN.
+        blocker = sqlite3.connect(tmp_path / "buffer.db", isolation_level=None, timeout=RECV_TIMEOUT_S)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            pty_port.write("v1=1.5 v2=1\n")
+            await wait_for(lambda: any(s.startswith("stalled: buffer writer") for s in abstract_socket.statuses()))
+            quiet_from = time.monotonic()
+            await asyncio.sleep(4 * WATCHDOG_USEC / 1e6)
+            assert abstract_socket.pings_since(quiet_from) == 0
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        resumed = time.monotonic()
+        await wait_for(lambda: abstract_socket.pings_since(resumed) >= 2, RECV_TIMEOUT_S)
+    assert "watchdog_withheld" in (tmp_path / "daemon.log").read_text()
+
+
+@pytest.fixture
+async def buffer(tmp_path: Path) -> AsyncIterator[Buffer]:
+    buf = Buffer(tmp_path / "buffer.db", commit_interval_ms=0)
+    await buf.open()
+    writer = asyncio.create_task(buf.run_writer())
+    yield buf
+    buf.stop_writer()
+    await writer
+    await buf.close()
+
+
+async def test_forwarder_with_points_due_and_no_attempts_is_a_stall(
+    tmp_path: Path, cloud: CloudSim, buffer: Buffer
+) -> None:
+    config = load_config(write_config(tmp_path, str(cloud.url), [], [PUMP]))
+    now = [time.time()]
+    async with aiohttp.ClientSession() as session:
+        # Constructed but never run: a wedged forwarder.
+        forwarder = Forwarder(config.devices[0], buffer, session, config.cloud, config.forward)
+        monitor = ProgressMonitor(buffer, {"pump": forwarder}, config, clock=lambda: now[0])
+        allowance = monitor.allowance_s(forwarder)
+        now[0] += allowance + 1
+        assert await monitor.stalls(1.0) == []  # nothing queued: idle by design
+        await buffer.submit([Point("pump", 1, int(now[0] * 1000), 1.5)])
+        assert await monitor.stalls(1.0) == []
+        now[0] += allowance + 1
+        stalls = await monitor.stalls(1.0)
+        assert len(stalls) == 1 and "forwarder pump has points due" in stalls[0]
+        forwarder.last_attempt_s = now[0]  # what an attempt does
+        assert await monitor.stalls(1.0) == []
+        # A spent daily budget is a wait by design, not a stall.
+        await buffer.spend("pump", now[0], points=config.cloud.limits.points_per_day)
+        now[0] += allowance + 1
+        assert await monitor.stalls(1.0) == []
+
+
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "edgeforward.service"
+MAX_EXPOSURE = 2.0
+SYSTEMD_ANALYZE_TIMEOUT_S = 60
+
+
+def systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        pytest.skip("systemd-analyze is not installed on this machine")
+    return path
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_unit_is_notify_with_watchdog_and_serial_devices() -> None:
+    settings = unit_settings()
+    assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
+    assert int(settings["WatchdogSec"][0]) > 0
+    assert settings["PrivateDevices"] == ["no"] and settings["DevicePolicy"] == ["closed"]
+    assert {"char-ttyUSB rw", "char-ttyACM rw"} <= set(settings["DeviceAllow"])
+    assert settings["SupplementaryGroups"] == ["dialout"] and settings["StateDirectory"] == ["edgeforward"]
+    assert "AF_INET" in settings["RestrictAddressFamilies"][0].split()
+    assert "AF_UNIX" in settings["RestrictAddressFamilies"][0].split()  # sd_notify
+
+
+def test_unit_exposure_is_at_most_two() -> None:
+    result = subprocess.run(
+        [systemd_analyze(), "security", "--offline=yes", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=SYSTEMD_ANALYZE_TIMEOUT_S,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for edgeforward\.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_unit_verifies_with_an_installed_executable(tmp_path: Path) -> None:
+    installed = Path(sys.executable).parent / "edgeforward"
+    if not installed.exists():
+        pytest.skip(f"no console script next to {sys.executable}")
+    # /usr/local/bin/edgeforward does not exist on a build machine: point a copy at the installed script.
+    unit = tmp_path / "edgeforward.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/edgeforward", str(installed)))
+    result = subprocess.run(
+        [systemd_analyze(), "verify", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=SYSTEMD_ANALYZE_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0 and "edgeforward.service" not in result.stderr, result.stderr

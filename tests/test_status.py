@@ -1,0 +1,92 @@
+"""`edgeforward status`: the contract's JSON keys and the human view, with the daemon stopped and running."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from edgeforward.cloudsim import CloudSim
+from edgeforward.config import load_config
+from edgeforward.status import read_status, status_view
+
+from .conftest import TOKEN, DaemonProcess, Pty, edgeforward, wait_for, write_config
+
+PUMP = {"name": "pump", "token": TOKEN, "pins": {"v1": "double", "v2": "integer"}}
+CONTRACT_DEVICE_KEYS = {
+    "state", "received", "delivered", "queued", "expired", "dropped", "rejected", "downsampled",
+    "oldest_queued_ts", "points_today", "messages_this_month",
+}  # fmt: skip
+EXTRA_DEVICE_KEYS = {
+    "points_per_day_limit",
+    "messages_per_month_limit",
+    "live_interval_s",
+    "backlog_clears_in_s",
+    "ingest_failed",
+    "delivered_live",
+    "delivered_history",
+    "reason",
+    "last_success_ts",
+    "deadletter",
+}
+PORT_KEYS = {"state", "lines_ok", "lines_bad", "lines_ignored", "reconnects", "bad_reasons", "ignored_reasons"}
+FLOW_TIMEOUT_S = 30.0
+
+
+def render(document: dict[str, Any], config: Path) -> str:
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(status_view(document, load_config(config).cloud.limits))
+    return console.export_text()
+
+
+def test_status_before_the_first_run_keeps_every_contract_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9", [{"path": "/dev/ttyACM-none", "device": "pump"}], [PUMP])
+    result = edgeforward("status", "--json", "--config", str(config))
+    assert result.returncode == 0
+    document = json.loads(result.stdout)
+    assert set(document["devices"]["pump"]) == CONTRACT_DEVICE_KEYS | EXTRA_DEVICE_KEYS
+    assert set(document["ports"]["/dev/ttyACM-none"]) == PORT_KEYS
+    assert document["daemon"] == {"running": False, "pid": None}
+    human = edgeforward("status", "--config", str(config))
+    assert human.returncode == 0 and "not running" in human.stdout and "pump" in human.stdout
+
+
+async def test_status_view_while_running_and_after_stop(
+    tmp_path: Path, cloud: CloudSim, pty_port: Pty, daemon_factory: Callable[[Path], DaemonProcess]
+) -> None:
+    config = write_config(
+        tmp_path,
+        str(cloud.url),
+        [{"path": pty_port.path, "device": "pump"}],
+        [PUMP],
+        limits={"messages_per_month": 100000},
+    )
+    daemon = daemon_factory(config)
+    daemon.start()
+    await daemon.wait_started()
+    await wait_for(lambda: daemon.status()["ports"][pty_port.path]["state"] == "open", FLOW_TIMEOUT_S, 0.3)
+    pty_port.write("v1=0.5 v2=0\n")
+    for i in range(1, 6):
+        pty_port.write(f"v1={i}.5 v2={i}\nv7=1\n")
+
+    def settled() -> bool:
+        document = daemon.status()
+        entry = document["devices"]["pump"]
+        port = document["ports"][pty_port.path]
+        return bool(entry["delivered"] >= 10 and entry["queued"] == 0 and port["lines_bad"] == 5)
+
+    await wait_for(settled, FLOW_TIMEOUT_S, 0.3)
+    document = read_status(load_config(config))
+    text = render(document, config)
+    assert f"running (pid {daemon.process.pid if daemon.process else 0})" in text
+    assert "online" in text and "unknown_pin 5" in text
+    assert "/ 100000 (0%)" in text  # messages this month against the plan
+    assert " ago" in text  # last success
+    assert daemon.stop() == 0
+    stopped = render(read_status(load_config(config)), config)
+    assert "not running" in stopped and "unknown_pin 5" in stopped
+    print(stopped)
