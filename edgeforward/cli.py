@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     cloudsim.add_argument("--points-per-day", type=int, default=0, help="0 = unlimited")
     cloudsim.add_argument("--messages-per-month", type=int, default=0, help="0 = unlimited")
     cloudsim.add_argument("--requests-per-second", type=float, default=0, help="0 = unlimited")
+    cloudsim.add_argument("--fault", default="", help="random faults per request, e.g. 500:0.1,429:0.05,reset:0.02")
+    cloudsim.add_argument("--seed", type=int, help="seed of the random faults")
+    cloudsim.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of 429 answers, seconds")
+    cloudsim.add_argument("--tls-cert", type=Path, help="serve https with this certificate (PEM)")
+    cloudsim.add_argument("--tls-key", type=Path, help="its private key, if not in the certificate file")
     cloudsim.add_argument("--max-age-days", type=float, default=0, help="0 = no check")
 
     demo = commands.add_parser("demo", help="a self-contained demonstration on this machine (no hardware)")
@@ -185,10 +190,16 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _cloudsim(args: argparse.Namespace) -> int:
-    from .cloudsim import SimLimits, devices_from_file, serve
+    from .cloudsim import SimError, SimLimits, devices_from_file, parse_fault_rates, serve, server_ssl_context
 
     configure_logging("info", "auto")
-    devices = devices_from_file(args.devices) if args.devices else []
+    try:
+        devices = devices_from_file(args.devices) if args.devices else []
+        faults = parse_fault_rates(args.fault) if args.fault else {}
+        tls = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except SimError as exc:
+        print(f"cloudsim: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     limits = SimLimits(
         batch_max_points=args.batch_max_points,
         max_request_bytes=args.max_request_bytes,
@@ -198,7 +209,19 @@ def _cloudsim(args: argparse.Namespace) -> int:
         max_age_days=args.max_age_days,
     )
     accept_any = args.any_token or not devices
-    asyncio.run(serve(args.listen, devices, limits, accept_any, args.record))
+    asyncio.run(
+        serve(
+            args.listen,
+            devices,
+            limits,
+            accept_any,
+            args.record,
+            fault_rates=faults,
+            seed=args.seed,
+            retry_after_s=args.retry_after,
+            ssl_context=tls,
+        )
+    )
     return EXIT_OK
 
 
