@@ -14,6 +14,20 @@ drivers, the TCP connect of ``socket://``, pyserial's socket ``close()`` which s
 unlike the default executor, the loop's shutdown does not wait for them.
 Lines are framed here but never parsed; empty lines are skipped here (not delivered,
 not counted), so the handler only sees lines with content.
+
+Line ends (``newline``): ``lf`` (default: ``\n`` ends a line, one ``\r`` before it is dropped,
+a lone ``\r`` stays in the line, where the parsers take it as white space), ``crlf`` (only
+``\r\n``), ``cr`` (``\r``; one ``\n`` right after it is dropped) or ``any`` (each ``\r`` or ``\n``).
+
+Noise: bytes that never occur in a text line (NUL, the C0 controls but tab, CR and LF, DEL,
+and the bytes 0xC0, 0xC1, 0xF5-0xFF that never occur in UTF-8) mark noise, such as the junk an
+RS-485 transceiver or a booting MCU emits. Everything up to the last such byte of a line is
+dropped and the line counted bad as ``noise``; the rest of the line, if any, is delivered as
+the line (and limited by ``max_line_bytes``), so a good line right after junk that ends in
+noise (a NUL, 0xFF...) is not lost.
+
+A ``path`` with glob characters (``*?[``) must match exactly one device at each open; none
+or several is the same as an absent device (retried with backoff, named in ``last_error``).
 """
 
 from __future__ import annotations
@@ -22,9 +36,11 @@ import abc
 import asyncio
 import contextlib
 import enum
+import glob
 import io
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +63,14 @@ THREAD_STOP_TIMEOUT_S: Final = 1.0
 URL_WRITE_TIMEOUT_S: Final = 0.5
 MAX_PENDING_WRITE_BYTES: Final = 65536
 OVERLONG_REASON: Final = "overlong"
+NOISE_REASON: Final = "noise"
+NEWLINES: Final = ("lf", "crlf", "cr", "any")
+GLOB_CHARS: Final = frozenset("*?[")
+MAX_MATCHES_SHOWN: Final = 4
+
+# Bytes never found in a UTF-8 text line (tab, LF and CR excepted).
+_NOISE_RE: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\xc0\xc1\xf5-\xff]")
+_SEPARATORS: Final = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r", "any": b"\n"}
 
 _MAX_BACKOFF_EXPONENT: Final = 64  # keeps factor ** attempt finite
 
@@ -111,6 +135,10 @@ class PortGone(SerialSourceError):
     """The device stopped answering (end of file on the port)."""
 
 
+class NoMatch(SerialSourceError):
+    """A glob path matched no device, or more than one."""
+
+
 class Backoff:
     """Capped exponential backoff with jitter."""
 
@@ -139,72 +167,116 @@ class Backoff:
 
 
 class LineFramer:
-    """Splits a byte stream into lines ending at \\n and hands each to a handler.
+    """Splits a byte stream into lines and hands each to a handler.
 
-    A trailing \\r is stripped, empty lines are skipped, and a line longer than
-    ``max_line_bytes`` (not counting its \\r\\n) is dropped and reported through
-    ``on_overlong`` once; its bytes are never accumulated beyond that bound.
+    Lines end as `newline` says (see the module docstring) and empty lines are skipped.
+    Noise is cut off the front of a line and reported through `on_noise` once per line;
+    a line that is still longer than ``max_line_bytes`` (not counting its line end) is
+    dropped and reported through ``on_overlong`` once. Only the bytes after the last noise
+    byte are kept, at most ``max_line_bytes`` + 1 of them, so memory stays bounded and a
+    good line right after a burst of junk that ended in noise is still delivered.
     """
 
-    def __init__(self, on_line: LineHandler, on_overlong: Callable[[], None], max_line_bytes: int) -> None:
+    def __init__(
+        self,
+        on_line: LineHandler,
+        on_overlong: Callable[[], None],
+        max_line_bytes: int,
+        *,
+        newline: str = "lf",
+        on_noise: Callable[[], None] | None = None,
+    ) -> None:
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be at least 1")
+        if newline not in _SEPARATORS:
+            raise ValueError(f"newline must be one of {', '.join(NEWLINES)}, got {newline!r}")
         self._on_line = on_line
         self._on_overlong = on_overlong
+        self._on_noise = on_noise if on_noise is not None else _ignore
         self._max_line_bytes = max_line_bytes
+        self._newline = newline
+        self._sep = _SEPARATORS[newline]
+        # The unfinished line: its kept bytes, whether noise was cut from it, whether it
+        # outgrew the bound since its last noise byte (then only a possible \r is kept).
         self._partial = b""
-        self._skipping = False
+        self._noisy = False
+        self._too_long = False
         self._first = True
 
     def reset(self) -> None:
         """Forget any partial line; the next framed line is the first of a new stream."""
         self._partial = b""
-        self._skipping = False
+        self._noisy = False
+        self._too_long = False
         self._first = True
 
     def feed(self, data: bytes, received_ms: int) -> None:
         """Frame one chunk read at received_ms and deliver its complete lines."""
-        if self._skipping:
-            end = data.find(b"\n")
-            if end < 0:
-                return
-            self._skipping = False
-            data = data[end + 1 :]
+        if self._newline == "any":
+            data = data.replace(b"\r", b"\n")
         if self._partial:
             data = self._partial + data
-        lines = data.split(b"\n")
+        noisy = _NOISE_RE.search(data) is not None
+        lines = data.split(self._sep)
         tail = lines.pop()
         if lines:
-            self._deliver(lines, received_ms)
+            self._deliver(lines, received_ms, noisy)
+        if noisy:
+            cut = _noise_end(tail)
+            if cut:
+                tail = tail[cut:]
+                self._noisy = True
+                self._too_long = False
         # +1: an unterminated tail may still end with the \r of a \r\n.
         if len(tail) > self._max_line_bytes + 1:
-            self._partial = b""
-            self._skipping = True
-            self._first = False
-            self._on_overlong()
-        else:
-            self._partial = tail
+            self._too_long = True
+            tail = tail[-1:] if self._newline == "crlf" else b""
+        self._partial = tail
 
-    def _deliver(self, lines: list[bytes], received_ms: int) -> None:
+    def _deliver(self, lines: list[bytes], received_ms: int, noisy: bool) -> None:
         first = self._first
         self._first = False
+        line_noisy, too_long = self._noisy, self._too_long
+        self._noisy = self._too_long = False
         limit = self._max_line_bytes
         on_line = self._on_line
+        newline = self._newline
         for raw in lines:
-            line = raw[:-1] if raw.endswith(b"\r") else raw
-            if not line:
-                first = False
-                continue
-            if len(line) > limit:
-                first = False
+            line = raw
+            if noisy:
+                cut = _noise_end(line)
+                if cut:
+                    line = line[cut:]
+                    line_noisy = True
+                    too_long = False
+            if newline == "lf":
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+            elif newline == "cr" and not line_noisy and not too_long and line.startswith(b"\n"):
+                # The \n of a \r\n sent to a cr port starts the next line.
+                line = line[1:]
+            if line_noisy:
+                self._on_noise()
+            if too_long or len(line) > limit:
                 self._on_overlong()
-                continue
-            try:
-                on_line(line, received_ms, first)
-            except Exception:
-                # A bug in one line's handling must not stop the port or lose the other lines.
-                log.exception("line handler failed", line=line[:80])
-            first = False
+            elif line and not (line_noisy and line.isspace()):
+                try:
+                    on_line(line, received_ms, first)
+                except Exception:
+                    # A bug in one line's handling must not stop the port or lose the other lines.
+                    log.exception("line handler failed", line=line[:80])
+            first = line_noisy = too_long = False
+
+
+def _noise_end(data: bytes) -> int:
+    """Return the index just after the last noise byte of data (0 if it has none)."""
+    # Searching the reversed bytes finds the last one in linear time.
+    found = _NOISE_RE.search(data[::-1])
+    return 0 if found is None else len(data) - found.start()
+
+
+def _ignore() -> None:
+    """Do nothing (the default noise callback)."""
 
 
 def _now_ms() -> int:
@@ -265,6 +337,19 @@ def _close_late_open(fut: asyncio.Future[tuple[serial.Serial, str | None]]) -> N
 
 def _is_url(path: str) -> bool:
     return "://" in path
+
+
+def _match_one(path: str) -> str:
+    """Return the one device a glob path matches (a plain path as it is); raise NoMatch otherwise."""
+    if GLOB_CHARS.isdisjoint(path):
+        return path
+    matches = sorted(glob.glob(path))
+    if not matches:
+        raise NoMatch(f"no device matches {path}")
+    if len(matches) > 1:
+        shown = ", ".join(matches[:MAX_MATCHES_SHOWN]) + (", ..." if len(matches) > MAX_MATCHES_SHOWN else "")
+        raise NoMatch(f"{len(matches)} devices match {path} ({shown}); the pattern must match one")
+    return matches[0]
 
 
 class _Link(abc.ABC):
@@ -450,18 +535,24 @@ class SerialSource:
         *,
         stats: PortStats | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        newline: str = "lf",
     ) -> None:
         self.path = path
         self.baud = baud
         self.stats = stats if stats is not None else PortStats(path=path)
         self.open_attempts = 0  # every try to open, successful or not
-        self._framer = LineFramer(on_line, self._count_overlong, max_line_bytes)
+        self._framer = LineFramer(
+            on_line, self._count_overlong, max_line_bytes, newline=newline, on_noise=self._count_noise
+        )
         self._link: _Link | None = None
         self._log = structlog.get_logger(__name__).bind(port=path)
         self._warned = False  # a WARNING was logged for the current trouble
 
     def _count_overlong(self) -> None:
         self.stats.count_bad(OVERLONG_REASON)
+
+    def _count_noise(self) -> None:
+        self.stats.count_bad(NOISE_REASON)
 
     def write(self, data: bytes) -> bool:
         """Best-effort write to the open port; False if the port is absent or the data was refused."""
@@ -478,7 +569,7 @@ class SerialSource:
                 self.open_attempts += 1
                 try:
                     link = await self._open_link()
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, NoMatch) as exc:
                     # SerialException is an OSError; ValueError covers bad URLs and settings.
                     self._note_trouble("serial port absent", exc)
                     await asyncio.sleep(backoff.next_delay())
@@ -514,18 +605,19 @@ class SerialSource:
 
     def _open_port(self) -> tuple[serial.Serial, str | None]:
         """Open the port (blocking); also return the device a path resolved to, for the log."""
-        # The path is opened anew each time, so a /dev/serial/by-id/ link is resolved again.
-        device = None if _is_url(self.path) else os.path.realpath(self.path)
+        # The path is opened anew each time, so a /dev/serial/by-id/ link or a glob is resolved again.
+        path = self.path if _is_url(self.path) else _match_one(self.path)
+        device = None if _is_url(path) else os.path.realpath(path)
         settings: dict[str, Any] = {
             "baudrate": self.baud,
             "timeout": THREAD_READ_TIMEOUT_S,
             "write_timeout": URL_WRITE_TIMEOUT_S,
         }
         try:
-            port = serial.serial_for_url(self.path, exclusive=True, **settings)
+            port = serial.serial_for_url(path, exclusive=True, **settings)
         except TypeError:
             # A URL handler without the exclusive setting: open it shared.
-            port = serial.serial_for_url(self.path, **settings)
+            port = serial.serial_for_url(path, **settings)
         return port, device
 
     @staticmethod

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeforward.config import NmeaPins, parse_config
+from edgeforward.config import ConfigError, NmeaPins, parse_config
 from edgeforward.lines import (
     IGNORE_REASONS,
     INT64_MAX,
@@ -862,3 +862,113 @@ def test_clock_reboots(start: int, segments: list[tuple[int, int, list[tuple[int
             true = boot + uptime
             wall = clock.to_wall(uptime, true + delay)
             assert true <= wall <= true + delay
+
+
+# ---------------------------------------------------------------- real receiver logs (tests/data)
+
+DATA = Path(__file__).parent / "data"
+LOG_PINS = NmeaPins(location="v10", altitude_m="v11", speed_kmh="v13", satellites="v12")
+GPS = {10: PinType.LOCATION, 11: PinType.DOUBLE, 12: PinType.INTEGER, 13: PinType.DOUBLE}
+CTX_GPS = ParseContext({"truck": GPS}, "truck", FUTURE_MS)
+
+
+def naive_fixes(lines: list[str]) -> int:
+    """Count GGA/RMC sentences with a fix, the simplest possible way (an independent check)."""
+    fixes = 0
+    for line in lines:
+        fields = line.split("*")[0].split(",")
+        kind = fields[0][3:]
+        gga_fix = kind == "GGA" and fields[6] not in ("", "0") and bool(fields[2])
+        rmc_fix = kind == "RMC" and fields[2] == "A" and bool(fields[3])
+        fixes += gga_fix or rmc_fix
+    return fixes
+
+
+@pytest.mark.parametrize(
+    ("name", "fixes", "no_fix", "other", "box"),
+    [
+        # box: (lon_min, lon_max, lat_min, lat_max) from the place each log names or was taken at
+        ("gpsd-bu353s4.log", 50, 0, 40, (175.2, 175.4, -37.9, -37.7)),  # Hamilton, NZ
+        ("gpsd-bu353-glonass.log", 17, 20, 75, (37.5, 37.7, 55.6, 55.8)),  # Moscow, GN talker
+        ("gpsd-bt451.log", 26, 8, 110, (23.5, 23.7, 55.7, 55.9)),  # Lithuania, starts indoors
+        ("gpsd-gpslim236.log", 40, 0, 36, (2.2, 2.4, 48.8, 49.0)),  # near Paris
+    ],
+)
+def test_nmea_real_receiver_logs(
+    name: str, fixes: int, no_fix: int, other: int, box: tuple[float, float, float, float]
+) -> None:
+    raw_lines = [raw for raw in (DATA / name).read_bytes().splitlines() if raw.strip() and not raw.startswith(b"#")]
+    parser = LineParser("nmea", CTX_GPS, nmea=LOG_PINS)
+    results = [parser.parse(raw, NOW) for raw in raw_lines]
+    readings = [r for r in results if isinstance(r, Reading)]
+    ignored = [r.reason for r in results if isinstance(r, Ignored)]
+    assert not [r for r in results if isinstance(r, Rejected)]
+    assert len(readings) == fixes == naive_fixes([raw.decode() for raw in raw_lines])
+    assert ignored.count("no_fix") == no_fix and ignored.count("sentence") == other
+    for reading in readings:
+        values = dict(reading.values)
+        location = values[10]
+        assert isinstance(location, tuple)
+        lon, lat = location
+        assert box[0] <= lon <= box[1] and box[2] <= lat <= box[3]
+        assert all(isinstance(values[pin], float) for pin in (11, 13) if pin in values)
+        assert isinstance(values.get(12, 0), int)
+
+
+def test_nmea_real_log_with_corrupted_sentences() -> None:
+    lines = [raw.decode() for raw in (DATA / "gpsd-bu353s4.log").read_bytes().splitlines() if raw.startswith(b"$")]
+    corrupted = [line.replace("3747", "3748", 1) if "GGA" in line else line for line in lines]
+    results = [parse_nmea(line, LOG_PINS, "truck", CTX_GPS, NOW) for line in corrupted]
+    bad = [r.reason for r in results if isinstance(r, Rejected)]
+    assert bad == ["checksum"] * 25
+    assert sum(isinstance(r, Reading) for r in results) == 25  # the RMC fixes
+
+
+# ---------------------------------------------------------------- config checks of csv and nmea ports
+
+
+def port_problems(port: dict[str, Any], tmp_path: Path) -> list[str]:
+    raw: dict[str, Any] = {
+        "device": [{"name": "truck", "token": "t" * 32, "pins": {"v10": "location", "v11": "double", "v12": "string"}}],
+        "port": [port],
+    }
+    try:
+        parse_config(raw, tmp_path / "edgeforward.toml")
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def test_config_checks_nmea_pins_against_the_device(tmp_path: Path) -> None:
+    port = {
+        "path": "/dev/ttyGPS",
+        "format": "nmea",
+        "device": "truck",
+        "nmea": {"location": "v10", "speed_kmh": "v11", "altitude_m": "v12", "satellites": "v13"},
+    }
+    assert port_problems(port, tmp_path) == [
+        'port[0].nmea.altitude_m: pin v12 is a string pin on device "truck", expected double or integer',
+        'port[0].nmea.satellites: pin v13 is not declared on device "truck"',
+    ]
+    port["nmea"] = {"location": "v11"}
+    assert port_problems(port, tmp_path) == [
+        'port[0].nmea.location: pin v11 is a double pin on device "truck", expected location'
+    ]
+    port["nmea"] = {"location": "v10", "speed_kmh": "v11"}
+    assert port_problems(port, tmp_path) == []
+
+
+def test_config_checks_csv_columns(tmp_path: Path) -> None:
+    port: dict[str, Any] = {"path": "/dev/ttyLOG", "format": "csv", "device": "truck", "columns": ["ts", "temp"]}
+    assert port_problems(port, tmp_path) == ["port[0].columns: column 'temp' is not v0..v255, ts, ms, dev or seq"]
+    port["columns"] = ["ts", "v11", "v11"]
+    assert port_problems(port, tmp_path) == ["port[0].columns: column v11 is given twice"]
+    port["columns"] = ["ts", "v11"]
+    assert port_problems(port, tmp_path) == []
+
+
+def test_config_newline_option(tmp_path: Path) -> None:
+    assert port_problems({"path": "/dev/ttyS0", "newline": "cr"}, tmp_path) == []
+    assert port_problems({"path": "/dev/ttyS0", "newline": "lfcr"}, tmp_path) == [
+        "port[0].newline: invalid enum value 'lfcr'"
+    ]

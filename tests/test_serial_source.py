@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
+import re
 import select
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgeforward.serial_source import (
+    NEWLINES,
     RECONNECT_INITIAL_S,
     RECONNECT_MAX_S,
     Backoff,
@@ -33,6 +36,8 @@ CANCEL_DEADLINE_S = 1.0
 IDLE_WINDOW_S = 1.0
 IDLE_CPU_BOUND_S = 0.25  # generous: an idle reader should use close to nothing
 MAX_ATTEMPTS_PER_IDLE_WINDOW = 10
+NOISE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\xc0\xc1\xf5-\xff]")  # as documented
+SEPARATORS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r", "any": b"\n"}
 
 
 async def wait_for(cond: Callable[[], bool], within: float = WAIT_TIMEOUT_S) -> None:
@@ -194,16 +199,63 @@ async def test_pty_overlong_line_discarded_counted_and_next_line_fine(pty: Pty) 
     assert source.stats.bad_reasons == {"overlong": 2}
 
 
-async def test_pty_passes_any_byte_value_through(pty: Pty) -> None:
+async def test_pty_passes_text_bytes_through_and_cuts_noise(pty: Pty) -> None:
     got = Received()
     source = SerialSource(pty.name, 115_200, got)
-    every_byte = bytes(b for b in range(256) if b != ord("\n"))
+    text_bytes = bytes(b for b in range(256) if not NOISE.search(bytes([b])) and b != ord("\n"))
     async with running(source):
         await wait_for(lambda: source.stats.state is PortState.OPEN)
-        await pty.send(b"name=\xff\xfe\xc3(\n" + every_byte + b"\n")
-        await wait_for(lambda: len(got.items) == 2)
-    # Not valid UTF-8, and a \r mid-line is kept: only a trailing \r is stripped.
-    assert got.lines == [b"name=\xff\xfe\xc3(", every_byte]
+        await pty.send(b"name=\xc3(\xbf\n" + text_bytes + b"\n" + b"\x00\x00\xffv1=2\n" + b"\x1b\x07\r\n")
+        await wait_for(lambda: len(got.items) == 3 and source.stats.lines_bad == 2)
+    # Invalid UTF-8 that is not noise is left to the parser; a \r mid-line is kept.
+    assert got.lines == [b"name=\xc3(\xbf", text_bytes, b"v1=2"]
+    assert source.stats.bad_reasons == {"noise": 2}
+
+
+async def test_pty_binary_burst_at_full_speed_loses_no_good_line(pty: Pty) -> None:
+    rng = random.Random(6)
+    got = Received()
+    source = SerialSource(pty.name, 115_200, got, max_line_bytes=256)
+    good = [b"v1=%d v2=%d" % (i, i * 7) for i in range(200)]
+    stream = bytearray(b"boot\n")
+    for i, line in enumerate(good):
+        if i % 20 == 0:
+            # Junk with its own newlines, ending in a NUL as a transceiver's idle line does.
+            stream += rng.randbytes(rng.randrange(100, 5000)) + b"\x00"
+        stream += line + b"\r\n"
+    async with running(source):
+        await wait_for(lambda: source.stats.state is PortState.OPEN)
+        await pty.send(bytes(stream))
+        await wait_for(lambda: got.lines[-1:] == [good[-1]])
+    assert [line for line in got.lines if line in set(good)] == good
+    assert source.stats.bad_reasons.get("noise", 0) >= 10
+    assert source.stats.state is PortState.ABSENT
+
+
+@pytest.mark.parametrize(
+    ("newline", "stream", "expected"),
+    [
+        ("lf", b"a\rb\nc\r\nd\r\r\n", [b"a\rb", b"c", b"d\r"]),
+        ("crlf", b"a\nb\r\nc\rd\r\n\r\n", [b"a\nb", b"c\rd"]),
+        ("cr", b"a\rb\r\nc\r\rd\ne\r", [b"a", b"b", b"c", b"d\ne"]),
+        ("any", b"a\rb\r\nc\n\n\rd\n", [b"a", b"b", b"c", b"d"]),
+    ],
+)
+async def test_pty_newline_modes(pty: Pty, newline: str, stream: bytes, expected: list[bytes]) -> None:
+    got = Received()
+    source = SerialSource(pty.name, 115_200, got, newline=newline)
+    async with running(source):
+        await wait_for(lambda: source.stats.state is PortState.OPEN)
+        for byte in stream:  # one byte per write: every split point is crossed
+            await pty.send(bytes([byte]))
+        await pty.send(b"end" + {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r", "any": b"\r"}[newline])
+        await wait_for(lambda: got.lines[-1:] == [b"end"])
+    assert got.lines == [*expected, b"end"]
+
+
+def test_framer_refuses_an_unknown_newline() -> None:
+    with pytest.raises(ValueError, match="newline"):
+        LineFramer(Received(), lambda: None, 64, newline="lfcr")
 
 
 # --- going away and coming back ---------------------------------------------------------
@@ -238,6 +290,40 @@ async def test_symlinked_device_unplugged_and_replugged(tmp_path: Path, pty: Pty
             replugged.close()
     assert got.lines == [b"before=1", b"after=2"]
     assert got.firsts == [True, True]
+
+
+async def test_glob_path_opens_the_one_match_and_refuses_several(tmp_path: Path, pty: Pty) -> None:
+    pattern = str(tmp_path / "usb-Arduino*-if00")
+    got = Received()
+    source = SerialSource(pattern, 115_200, got)
+    async with running(source):
+        await wait_for(lambda: source.open_attempts >= 2)
+        assert source.stats.state is PortState.ABSENT
+        assert source.stats.last_error == f"no device matches {pattern}"
+
+        repoint(tmp_path / "usb-Arduino_Uno_1234-if00", pty.name)
+        await wait_for(lambda: source.stats.state is PortState.OPEN, RECONNECT_MAX_S + WAIT_TIMEOUT_S)
+        await pty.send(b"v1=1\n")
+        await wait_for(lambda: got.lines == [b"v1=1"])
+
+        # A second board appears, then the first one drops off the bus: which one to read?
+        second = Pty()
+        try:
+            repoint(tmp_path / "usb-Arduino_Nano_5678-if00", second.name)
+            pty.unplug()
+            await wait_for(lambda: source.stats.last_error is not None and "2 devices match" in source.stats.last_error)
+            assert source.stats.state is PortState.ABSENT
+            assert "usb-Arduino_Nano_5678-if00" in source.stats.last_error
+            assert "usb-Arduino_Uno_1234-if00" in source.stats.last_error
+
+            (tmp_path / "usb-Arduino_Uno_1234-if00").unlink()
+            await wait_for(lambda: source.stats.state is PortState.OPEN, RECONNECT_MAX_S + WAIT_TIMEOUT_S)
+            await second.send(b"v1=2\n")
+            await wait_for(lambda: len(got.lines) == 2)
+        finally:
+            second.close()
+    assert got.lines == [b"v1=1", b"v1=2"]
+    assert source.stats.reconnects == 1
 
 
 async def test_missing_path_absent_without_spinning_then_opens(tmp_path: Path, pty: Pty) -> None:
@@ -417,38 +503,55 @@ async def test_url_without_fd_is_read_by_a_thread_and_cancels_promptly() -> None
 # --- pure parts -------------------------------------------------------------------------
 
 
-def reference_frames(stream: bytes, max_line_bytes: int) -> tuple[list[tuple[bytes, bool]], int]:
-    """What a framer must deliver for a whole \\n-terminated stream, and its overlong count."""
+def reference_frames(
+    stream: bytes, max_line_bytes: int, newline: str = "lf"
+) -> tuple[list[tuple[bytes, bool]], int, int]:
+    """What a framer must deliver for a whole terminated stream: lines, overlong and noise counts."""
     delivered: list[tuple[bytes, bool]] = []
-    overlong = 0
-    for index, raw in enumerate(stream.split(b"\n")[:-1]):
-        line = raw[:-1] if raw.endswith(b"\r") else raw
+    overlong = noise = 0
+    if newline == "any":
+        stream = stream.replace(b"\r", b"\n")
+    for index, raw in enumerate(stream.split(SEPARATORS[newline])[:-1]):
+        line = raw
+        if newline == "lf" and line.endswith(b"\r"):
+            line = line[:-1]
+        elif newline == "cr" and line.startswith(b"\n"):
+            line = line[1:]
+        noisy = [m.end() for m in NOISE.finditer(line)]
+        if noisy:
+            noise += 1
+            line = line[noisy[-1] :]
         if len(line) > max_line_bytes:
             overlong += 1
-        elif line:
+        elif line and not (noisy and line.isspace()):
             delivered.append((line, index == 0))
-    return delivered, overlong
+    return delivered, overlong, noise
 
 
 @given(
-    lines=st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")), max_size=30),
-    crlf=st.lists(st.booleans(), min_size=30, max_size=30),
+    lines=st.lists(st.binary(max_size=12), max_size=30),
+    ends=st.lists(st.sampled_from([b"\n", b"\r\n", b"\r", b""]), min_size=30, max_size=30),
+    newline=st.sampled_from(NEWLINES),
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=20),
 )
 def test_framer_is_independent_of_how_the_stream_is_chunked(
-    lines: list[bytes], crlf: list[bool], cuts: list[int]
+    lines: list[bytes], ends: list[bytes], newline: str, cuts: list[int]
 ) -> None:
     max_line_bytes = 8
-    stream = b"".join(line + (b"\r\n" if crlf[i] else b"\n") for i, line in enumerate(lines))
+    stream = b"".join(line + ends[i] for i, line in enumerate(lines)) + SEPARATORS[newline]
     got = Received()
     overlong: list[None] = []
-    framer = LineFramer(got, lambda: overlong.append(None), max_line_bytes)
+    noise: list[None] = []
+    framer = LineFramer(
+        got, lambda: overlong.append(None), max_line_bytes, newline=newline, on_noise=lambda: noise.append(None)
+    )
     points = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
     for start, end in itertools.pairwise(points):
         framer.feed(stream[start:end], 7)
-    expected, expected_overlong = reference_frames(stream, max_line_bytes)
+    expected, expected_overlong, expected_noise = reference_frames(stream, max_line_bytes, newline)
     assert [(line, first) for line, _, first in got.items] == expected
     assert len(overlong) == expected_overlong
+    assert len(noise) == expected_noise
     assert all(ms == 7 for _, ms, _ in got.items)
 
 
