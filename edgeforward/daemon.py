@@ -45,7 +45,12 @@ class PortPipeline:
         self.port = port
         self.stats = PortStats(path=port.path)
         self.source = SerialSource(
-            port.path, port.baud, self.on_line, stats=self.stats, max_line_bytes=port.max_line_bytes
+            port.path,
+            port.baud,
+            self.on_line,
+            stats=self.stats,
+            max_line_bytes=port.max_line_bytes,
+            newline=port.newline,
         )
         self._submit = submit
         self._context = ParseContext(
