@@ -149,13 +149,18 @@ class BlynkClient:
         """Upload timestamped points of one pin with `POST batch/update?pin=vN`."""
         await self._request("POST", "batch/update", f"pin={pin_name(pin)}", body=body, points=points)
 
+    async def is_hardware_connected(self) -> bool:
+        """Ask `GET isHardwareConnected` (a cheap request that checks the token; sends no data)."""
+        return (await self._request("GET", "isHardwareConnected", "")).strip().lower() == "true"
+
     async def _request(
         self, method: str, endpoint: str, query: str, *, body: bytes | None = None, points: int = 0
-    ) -> None:
+    ) -> str:
         headers = {"Content-Type": "application/json"} if body is not None else None
         server = self.server
         for _ in range(MAX_REDIRECTS + 1):
-            url = URL(f"{server}{API_PATH}{endpoint}?token={quote(self._token, safe='')}&{query}", encoded=True)
+            params = f"token={quote(self._token, safe='')}" + (f"&{query}" if query else "")
+            url = URL(f"{server}{API_PATH}{endpoint}?{params}", encoded=True)
             if self._on_attempt is not None:
                 await self._on_attempt(points)
                 points = 0
@@ -166,8 +171,7 @@ class BlynkClient:
                     method, url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
                 ) as response:
                     if response.status == 200:
-                        await response.read()
-                        return
+                        return (await response.read()).decode("utf-8", "replace")
                     location = response.headers.get("Location")
                     redirect = response.status in (301, 302, 307, 308) and location
                     if not redirect:

@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     with_config("run", "run the daemon in the foreground until SIGTERM/SIGINT")
-    with_config("check-config", "validate the config without touching ports or network")
+    check = with_config("check-config", "validate the config without touching ports or network")
+    check.add_argument(
+        "--online", action="store_true", help="also check that each port exists and each token is accepted"
+    )
     status = with_config("status", "print the ledger, budgets and ports (works while the daemon runs)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--watch", action="store_true", help="refresh every few seconds until interrupted")
@@ -137,7 +140,14 @@ def _run(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     print(f"{config.path}: ok ({len(config.devices)} devices, {len(config.ports)} ports)")
-    return EXIT_OK
+    if not args.online:
+        return EXIT_OK
+    from .online import check_online
+
+    problems = asyncio.run(check_online(config))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return EXIT_FATAL if problems else EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from .conftest import edgeforward
@@ -47,3 +48,27 @@ def test_demo_headless_ends_by_itself_with_exit_0() -> None:
     assert "cloud outage begins" in result.stdout and "cloud is back" in result.stdout
     assert "nothing lost, nothing sent twice" in result.stdout
     assert "demo-device-token" not in result.stdout + result.stderr
+
+
+async def test_check_config_online_checks_ports_and_tokens(tmp_path: Path) -> None:
+    from edgeforward.cloudsim import CloudSim, SimDevice
+
+    from .conftest import BAD_TOKEN, TOKEN, write_config
+
+    cloud = CloudSim([SimDevice(TOKEN, "pump")])
+    url = await cloud.start()
+    present = tmp_path / "ttyFAKE"
+    present.write_text("")
+    devices = [{"name": "pump", "token": TOKEN, "pins": {"v1": "double"}}]
+    good = write_config(tmp_path, url, [{"path": str(present), "device": "pump"}], devices)
+    result = await asyncio.to_thread(edgeforward, "check-config", "--online", "--config", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "token accepted" in result.stdout and TOKEN not in result.stdout + result.stderr
+    bad_devices = [*devices, {"name": "fan", "token": BAD_TOKEN, "pins": {"v1": "double"}}]
+    bad = write_config(tmp_path, url, [{"path": str(tmp_path / "ttyGONE"), "device": "pump"}], bad_devices)
+    result = await asyncio.to_thread(edgeforward, "check-config", "--online", "--config", str(bad))
+    await cloud.stop()
+    assert result.returncode == 1
+    assert "device[1].token: the cloud refused it for fan: Invalid token." in result.stderr
+    assert "ttyGONE: no device found" in result.stderr
+    assert [p for p in cloud.points()] == []
