@@ -23,7 +23,7 @@ from .points import Point, value_json
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
 GROUP_COMMIT_MAX_ITEMS = 20_000
 # Incremental vacuum: give free pages back to the file system once this many are free (and a quarter of the file).
@@ -44,9 +44,13 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 META_RECOVERY: Final = "recovery"
 META_RECOVERIES: Final = "recoveries"
 META_INGEST_FAILED: Final = "ingest_failed"
+META_HELD_UNSTAMPED: Final = "held_unstamped"
+
+# Tables added by a schema version after the first (an older file lacks them until it is migrated).
+TABLES_SINCE = {"held": 3}
 
 # Tables copied out of a damaged buffer, in this order (devices first: the others refer to them).
-SALVAGE_TABLES = ("devices", "points", "ledger", "deadletter", "budget", "device_state", "servers", "meta")
+SALVAGE_TABLES = ("devices", "points", "held", "ledger", "deadletter", "budget", "device_state", "servers", "meta")
 
 LEDGER_FIELDS = (
     "received",
@@ -125,6 +129,19 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 );
 """
+# Version 3: readings stamped while the wall clock was untrusted (`mono_ms`: CLOCK_BOOTTIME of boot `boot_id`).
+_HELD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS held (
+    id INTEGER PRIMARY KEY,
+    device_id INTEGER NOT NULL,
+    pin INTEGER NOT NULL,
+    mono_ms INTEGER NOT NULL,
+    boot_id TEXT NOT NULL,
+    value TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS held_by_boot ON held (boot_id, id);
+"""
+_SCHEMA += _HELD_SCHEMA
 
 DeliveryPath = Literal["live", "history"]
 
@@ -190,6 +207,15 @@ class Budget:
 
 
 @dataclass(frozen=True, slots=True)
+class Settled:
+    """What settling the held readings did once the wall clock was trusted."""
+
+    rebased: int  # readings of this boot, given their exact wall time
+    stamped: int  # readings of earlier boots, placed at the latest time they can have been taken
+    unstamped: int  # readings of earlier boots still held (no exact wall time exists for them)
+
+
+@dataclass(frozen=True, slots=True)
 class Committed:
     """What one commit of points did to a device's ledger."""
 
@@ -205,6 +231,7 @@ WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
 @dataclass
 class _Pending:
     points: list[Point] = field(default_factory=list)
+    held: list[tuple[str, Point]] = field(default_factory=list)
     ops: list[tuple[WriteOp, asyncio.Future[Any]]] = field(default_factory=list)
     point_waiters: list[tuple[asyncio.Future[None], int]] = field(default_factory=list)
 
@@ -326,18 +353,29 @@ class Buffer:
 
     # writes -------------------------------------------------------------------------------------
 
-    def submit(self, points: Sequence[Point]) -> asyncio.Future[None]:
-        """Queue points for the next group commit; the future resolves once they are committed."""
+    def submit(self, points: Sequence[Point], *, boot_id: str | None = None) -> asyncio.Future[None]:
+        """Queue points for the next group commit; the future resolves once they are committed.
+
+        With `boot_id`, the points' `ts_ms` is CLOCK_BOOTTIME of that boot: they are held, not sent,
+        until `settle_held` gives them a wall time.
+        """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closing:
             future.set_exception(BufferClosedError("buffer is closing"))
             return future
         # The buffer logs commit failures itself; callers that do not look at the outcome stay quiet.
         future.add_done_callback(_consume_exception)
-        self._pending.points.extend(points)
+        if boot_id is None:
+            self._pending.points.extend(points)
+        else:
+            self._pending.held.extend((boot_id, point) for point in points)
         self._pending.point_waiters.append((future, len(points)))
         self._wake.set()
         return future
+
+    def hold(self, points: Sequence[Point], boot_id: str) -> asyncio.Future[None]:
+        """Commit points stamped with CLOCK_BOOTTIME of `boot_id` as held (see `submit`)."""
+        return self.submit(points, boot_id=boot_id)
 
     async def run_op(self, op: WriteOp) -> Any:
         """Run a write inside the next group-commit transaction and return its result."""
@@ -364,7 +402,7 @@ class Buffer:
 
     async def _flush(self) -> None:
         self._wake.clear()
-        while self._pending.points or self._pending.ops:
+        while self._pending.points or self._pending.held or self._pending.ops:
             pending, self._pending = self._pending, _Pending()
             await self._commit(pending)
         await self._maintain()
@@ -373,9 +411,9 @@ class Buffer:
         ingest_error: BufferFullError | None = None
         try:
             try:
-                committed, results = await self._transaction(pending.points, pending.ops)
+                committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
             except sqlite3.Error as exc:
-                if not pending.points or not _is_full(exc):
+                if not (pending.points or pending.held) or not _is_full(exc):
                     raise
                 committed, results, ingest_error = await self._commit_when_full(pending)
         except sqlite3.Error as exc:
@@ -401,7 +439,12 @@ class Buffer:
                 listener(committed)
 
     async def _transaction(
-        self, points: list[Point], ops: list[tuple[WriteOp, asyncio.Future[Any]]], *, cap_dropped: bool = False
+        self,
+        points: list[Point],
+        ops: list[tuple[WriteOp, asyncio.Future[Any]]],
+        *,
+        held: Sequence[tuple[str, Point]] = (),
+        cap_dropped: bool = False,
     ) -> tuple[list[Committed], list[Any]]:
         conn = self._connection()
         committed: list[Committed] = []
@@ -409,10 +452,14 @@ class Buffer:
         queued_before, device_ids_before = self._queued_total, dict(self._device_ids)
         await conn.execute("BEGIN IMMEDIATE")
         try:
-            if points and cap_dropped:
-                await self._count_dropped_new(conn, points)
-            elif points:
-                committed = await self._insert(conn, points)
+            if cap_dropped:
+                if points or held:
+                    await self._count_dropped_new(conn, [*points, *(point for _, point in held)])
+            else:
+                if points:
+                    committed = await self._insert(conn, points)
+                if held:
+                    await self._insert_held(conn, held)
             for op, _ in ops:
                 results.append(await op(conn))
             if self._ingest_failed_dirty:
@@ -436,22 +483,27 @@ class Buffer:
         if await self._at_byte_cap():
             if self._full_policy == "drop_oldest":
                 for _ in range(ROOM_ATTEMPTS):
-                    if not await self._make_room(len(pending.points)):
+                    if not await self._make_room(len(pending.points) + len(pending.held)):
                         break
                     try:
-                        committed, results = await self._transaction(pending.points, pending.ops)
+                        committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
                     except sqlite3.Error as exc:
                         if not _is_full(exc):
                             raise
                         continue
                     return committed, results, None
             else:
-                _, results = await self._transaction(pending.points, pending.ops, cap_dropped=True)
-                log.warning("buffer_full_dropped_newest", points=len(pending.points), max_bytes=self._max_bytes)
+                _, results = await self._transaction(pending.points, pending.ops, held=pending.held, cap_dropped=True)
+                log.warning(
+                    "buffer_full_dropped_newest",
+                    points=len(pending.points) + len(pending.held),
+                    max_bytes=self._max_bytes,
+                )
                 return [], results, None
-        self._count_ingest_failed(pending.points)
+        lost = [*pending.points, *(point for _, point in pending.held)]
+        self._count_ingest_failed(lost)
         _, results = await self._transaction([], pending.ops)
-        return [], results, BufferFullError(f"disk full: {len(pending.points)} readings not committed")
+        return [], results, BufferFullError(f"disk full: {len(lost)} readings not committed")
 
     async def _at_byte_cap(self) -> bool:
         if not self._max_pages:
@@ -492,7 +544,12 @@ class Buffer:
         self._errors_logged = [t for t in self._errors_logged if now - t < 60]
         if len(self._errors_logged) < COMMIT_ERRORS_LOGGED_PER_MINUTE:
             self._errors_logged.append(now)
-            log.error("buffer_commit_failed", error=str(exc), points=len(pending.points), ops=len(pending.ops))
+            log.error(
+                "buffer_commit_failed",
+                error=str(exc),
+                points=len(pending.points) + len(pending.held),
+                ops=len(pending.ops),
+            )
 
     async def _maintain(self) -> None:
         """Give free pages back to the file system once a backlog has drained (incremental vacuum)."""
@@ -534,23 +591,27 @@ class Buffer:
                 row = await cursor.fetchone()
             self._queued_total = int(row[0]) if row else 0
 
-    async def _insert(self, conn: aiosqlite.Connection, points: list[Point]) -> list[Committed]:
-        accepted = points
-        dropped_new: dict[int, int] = {}
+    async def _fit(self, conn: aiosqlite.Connection, points: Sequence[Point]) -> tuple[int, int]:
+        """Apply the point cap to new points: return the slice [start, stop) of them that is kept."""
+        start, stop = 0, len(points)
         room = self._max_points - self._queued_total
         if len(points) > room:
             if self._full_policy == "drop_newest":
-                accepted = points[: max(room, 0)]
-                for point in points[len(accepted) :]:
-                    device_id = await self._device_id(conn, point.device)
-                    dropped_new[device_id] = dropped_new.get(device_id, 0) + 1
+                stop = max(room, 0)
             else:
                 await self._drop_oldest(conn, len(points) - max(room, 0))
-                if len(points) > self._max_points:
-                    accepted = points[-self._max_points :]
-                    for point in points[: len(points) - len(accepted)]:
-                        device_id = await self._device_id(conn, point.device)
-                        dropped_new[device_id] = dropped_new.get(device_id, 0) + 1
+                start = max(len(points) - self._max_points, 0)
+        dropped_new: dict[int, int] = {}
+        for point in (*points[:start], *points[stop:]):
+            device_id = await self._device_id(conn, point.device)
+            dropped_new[device_id] = dropped_new.get(device_id, 0) + 1
+        for device_id, dropped in dropped_new.items():
+            await self._add_ledger(conn, device_id, received=dropped, dropped=dropped)
+        return start, stop
+
+    async def _insert(self, conn: aiosqlite.Connection, points: list[Point]) -> list[Committed]:
+        start, stop = await self._fit(conn, points)
+        accepted = points if (start, stop) == (0, len(points)) else points[start:stop]
         rows = []
         per_device: dict[str, tuple[set[int], list[int]]] = {}
         for point in accepted:
@@ -563,21 +624,40 @@ class Buffer:
         await conn.executemany("INSERT INTO points (device_id, pin, ts, value) VALUES (?, ?, ?, ?)", rows)
         for name, (_, count) in per_device.items():
             await self._add_ledger(conn, self._device_ids[name], received=count[0], queued=count[0])
-        for device_id, dropped in dropped_new.items():
-            await self._add_ledger(conn, device_id, received=dropped, dropped=dropped)
         self._queued_total += len(accepted)
         return [Committed(name, frozenset(pins), count[0]) for name, (pins, count) in per_device.items()]
+
+    async def _insert_held(self, conn: aiosqlite.Connection, held: Sequence[tuple[str, Point]]) -> None:
+        start, stop = await self._fit(conn, [point for _, point in held])
+        per_device: dict[int, int] = {}
+        rows = []
+        for boot_id, point in held[start:stop]:
+            device_id = await self._device_id(conn, point.device)
+            rows.append((device_id, point.pin, point.ts_ms, boot_id, value_json(point.value)))
+            per_device[device_id] = per_device.get(device_id, 0) + 1
+        await conn.executemany(
+            "INSERT INTO held (device_id, pin, mono_ms, boot_id, value) VALUES (?, ?, ?, ?, ?)", rows
+        )
+        for device_id, count in per_device.items():
+            await self._add_ledger(conn, device_id, received=count, queued=count)
+        self._queued_total += len(rows)
 
     async def _drop_oldest(self, conn: aiosqlite.Connection, count: int) -> int:
         if count <= 0:
             return 0
-        async with conn.execute(
-            "DELETE FROM points WHERE id IN (SELECT id FROM points ORDER BY id LIMIT ?) RETURNING device_id",
-            (count,),
-        ) as cursor:
-            per_device: dict[int, int] = {}
-            async for (device_id,) in cursor:
-                per_device[device_id] = per_device.get(device_id, 0) + 1
+        per_device: dict[int, int] = {}
+        left = count
+        # Held readings (no wall time yet) go only when no sendable point is left to drop.
+        for table in ("points", "held"):
+            async with conn.execute(
+                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT ?) RETURNING device_id",
+                (left,),
+            ) as cursor:
+                async for (device_id,) in cursor:
+                    per_device[device_id] = per_device.get(device_id, 0) + 1
+                    left -= 1
+            if left <= 0:
+                break
         for device_id, dropped in per_device.items():
             await self._add_ledger(conn, device_id, queued=-dropped, dropped=dropped)
             self._queued_total -= dropped
@@ -654,6 +734,67 @@ class Buffer:
 
         result: int = await self.run_op(op)
         return result
+
+    async def settle_held(
+        self, boot_id: str, wall_now_ms: int, mono_now_ms: int, *, stamp_previous_boots: bool = False
+    ) -> Settled:
+        """Give held readings a wall time and make them sendable, in one transaction (the ledger is unchanged).
+
+        Readings of boot `boot_id` get wall_now_ms - (mono_now_ms - mono_ms): exact. Readings of earlier
+        boots have no exact wall time; with `stamp_previous_boots` each earlier boot is placed to end where
+        the next one began (latest first, back from this boot's start), else they stay held and are
+        counted under the `held_unstamped` meta key.
+        """
+        moved: list[tuple[int, int]] = []
+
+        async def move(conn: aiosqlite.Connection, where: str, offset_ms: int, params: tuple[Any, ...]) -> int:
+            async with conn.execute(f"SELECT DISTINCT device_id, pin FROM held WHERE {where}", params) as cursor:
+                moved.extend([(int(row[0]), int(row[1])) async for row in cursor])
+            await conn.execute(
+                "INSERT INTO points (device_id, pin, ts, value) "
+                f"SELECT device_id, pin, mono_ms + ?, value FROM held WHERE {where} ORDER BY id",
+                (offset_ms, *params),
+            )
+            async with conn.execute(f"DELETE FROM held WHERE {where}", params) as cursor:
+                return int(cursor.rowcount)
+
+        async def op(conn: aiosqlite.Connection) -> Settled:
+            boot_start_ms = wall_now_ms - mono_now_ms
+            rebased = await move(conn, "boot_id = ?", boot_start_ms, (boot_id,))
+            stamped = 0
+            if stamp_previous_boots:
+                async with conn.execute(
+                    "SELECT boot_id, MAX(mono_ms) FROM held WHERE boot_id != ? GROUP BY boot_id ORDER BY MAX(id) DESC",
+                    (boot_id,),
+                ) as cursor:
+                    earlier = [(str(row[0]), int(row[1])) async for row in cursor]
+                end_ms = boot_start_ms
+                for other, last_mono_ms in earlier:
+                    stamped += await move(conn, "boot_id = ?", end_ms - last_mono_ms, (other,))
+                    end_ms -= last_mono_ms
+            async with conn.execute("SELECT COUNT(*) FROM held WHERE boot_id != ?", (boot_id,)) as cursor:
+                row = await cursor.fetchone()
+            unstamped = int(row[0]) if row else 0
+            await conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_HELD_UNSTAMPED, str(unstamped))
+            )
+            return Settled(rebased, stamped, unstamped)
+
+        settled: Settled = await self.run_op(op)
+        names = {device_id: name for name, device_id in self._device_ids.items()}
+        pins: dict[str, set[int]] = {}
+        for device_id, pin in moved:
+            pins.setdefault(names.get(device_id, ""), set()).add(pin)
+        committed = [Committed(name, frozenset(p), 0) for name, p in pins.items() if name]
+        if committed:
+            for listener in self._listeners:
+                listener(committed)
+        return settled
+
+    async def held_by_boot(self) -> dict[str, int]:
+        """Return how many readings are held (awaiting a trusted clock) per boot id."""
+        async with self._reader().execute("SELECT boot_id, COUNT(*) FROM held GROUP BY boot_id") as cursor:
+            return {str(row[0]): int(row[1]) async for row in cursor}
 
     async def thin(self, device: str, ids: Sequence[int]) -> int:
         """Delete points thinned out by the downsample policy and count them downsampled."""
@@ -777,6 +918,12 @@ class Buffer:
 
     # reads --------------------------------------------------------------------------------------
 
+    async def meta(self, key: str) -> str | None:
+        """Return one value of the `meta` table."""
+        async with self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)) as cursor:
+            row = await cursor.fetchone()
+        return str(row[0]) if row else None
+
     async def pins_queued(self, device: str) -> list[int]:
         """Return the pins that have queued points (a skip-scan over the index)."""
         device_id = self._device_ids.get(device)
@@ -815,12 +962,13 @@ class Buffer:
         if device_id is None or limit <= 0:
             return []
         after_ts, after_id = after if after is not None else (-(2**63), -1)
-        async with self._reader().execute(
+        # One fetchall: iterating the cursor would cost a thread hand-off per 64 rows.
+        rows = await self._reader().execute_fetchall(
             "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? "
             "AND (ts > ? OR (ts = ? AND id > ?)) ORDER BY ts, id LIMIT ?",
             (device_id, pin, max_id if max_id is not None else 2**63 - 1, after_ts, after_ts, after_id, limit),
-        ) as cursor:
-            return [QueuedPoint(row[0], pin, row[1], row[2]) async for row in cursor]
+        )
+        return [QueuedPoint(row[0], pin, row[1], row[2]) for row in rows]
 
     async def count_queued(
         self, device: str, pin: int, *, max_id: int | None = None, before_ts: int | None = None
@@ -939,9 +1087,8 @@ def check_file(path: Path) -> str | None:
             if version == 0:
                 tables = db.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()[0]
                 return "not an edgeforward buffer" if tables else None
-            missing = set(_expected_columns()) - {
-                row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
-            }
+            expected = {table for table in _expected_columns() if TABLES_SINCE.get(table, 1) <= version}
+            missing = expected - {row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
             if missing:
                 return "missing tables: " + ", ".join(sorted(missing))
             for table in ("devices", "ledger", "meta"):
@@ -970,13 +1117,15 @@ def migrate(conn: sqlite3.Connection) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    # Version 2: incremental auto-vacuum, which SQLite only applies by rebuilding the file once.
-    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    try:
-        conn.execute("VACUUM")
-    except sqlite3.Error as exc:
-        log.warning("buffer_vacuum_failed", error=str(exc), detail="the file will not shrink after a backlog")
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if version < 2:
+        # Version 2: incremental auto-vacuum, which SQLite only applies by rebuilding the file once.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        try:
+            conn.execute("VACUUM")
+        except sqlite3.Error as exc:
+            log.warning("buffer_vacuum_failed", error=str(exc), detail="the file will not shrink after a backlog")
+    # Version 3: the table of readings held until the wall clock is trusted.
+    conn.executescript(f"BEGIN IMMEDIATE; {_HELD_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
 
 def _expected_columns() -> dict[str, list[str]]:
@@ -1164,12 +1313,17 @@ def _reconcile(fresh: sqlite3.Connection) -> dict[str, int]:
     fresh.execute("BEGIN IMMEDIATE")
     try:
         orphans = fresh.execute("DELETE FROM points WHERE device_id NOT IN (SELECT id FROM devices)").rowcount
+        orphans += fresh.execute("DELETE FROM held WHERE device_id NOT IN (SELECT id FROM devices)").rowcount
         if orphans:
             lost["(unknown device)"] = orphans
         fresh.execute("DELETE FROM ledger WHERE device_id NOT IN (SELECT id FROM devices)")
         out = " + ".join(f for f in LEDGER_FIELDS if f != "received")
         for device_id, name in fresh.execute("SELECT id, name FROM devices").fetchall():
-            stored = fresh.execute("SELECT COUNT(*) FROM points WHERE device_id = ?", (device_id,)).fetchone()[0]
+            stored = fresh.execute(
+                "SELECT (SELECT COUNT(*) FROM points WHERE device_id = ?) "
+                "+ (SELECT COUNT(*) FROM held WHERE device_id = ?)",
+                (device_id, device_id),
+            ).fetchone()[0]
             row = fresh.execute(f"SELECT queued, {out} FROM ledger WHERE device_id = ?", (device_id,)).fetchone()
             if row is None:
                 # The ledger row is gone: count what is still queued as received and queued; history is lost.

@@ -134,6 +134,13 @@ class MetricsConfig(_Table, frozen=True):
     stale_after_s: PositiveFloat = 900.0
 
 
+class ClockConfig(_Table, frozen=True):
+    """When the wall clock is trusted for stamping readings (see clock.py for the "auto" rule)."""
+
+    require_sync: Literal["auto"] | bool = "auto"
+    previous_boots: Literal["hold", "stamp"] = "hold"
+
+
 class LogConfig(_Table, frozen=True):
     """Logging level and rendering."""
 
@@ -162,6 +169,7 @@ class Config:
     devices: tuple[Device, ...]
     metrics: MetricsConfig
     log: LogConfig
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
     def device(self, name: str) -> Device | None:
         """Return the device called `name`, if configured."""
@@ -182,6 +190,7 @@ _TOP_LEVEL = {
     "forward": ForwardConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
+    "clock": ClockConfig,
 }
 _AT_PATH = re.compile(r"^(?P<msg>.*?) - at `\$(?P<path>[^`]*)`$")
 
@@ -246,6 +255,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         devices=devices,
         metrics=metrics,
         log=tables["log"],
+        clock=tables["clock"],
     )
 
 

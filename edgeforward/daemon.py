@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import structlog
 
 from . import __version__
 from .buffer import Buffer, Committed
+from .clock import UNKNOWN_FUTURE_MS, ClockWatcher
 from .config import Config, PortConfig
 from .forwarder import Forwarder
 from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected, parse_line, parse_nmea
@@ -28,7 +30,7 @@ from .serial_source import PortStats, SerialSource
 log = structlog.get_logger(__name__)
 
 STOP_TIMEOUT_S = 5.0
-SNAPSHOT_INTERVAL_S = 2.0
+SNAPSHOT_INTERVAL_S = 5.0  # port counters for status; each changed snapshot is a commit (SD wear, idle CPU)
 BAD_LINES_LOGGED_PER_MINUTE = 5
 HTTP_CONNECTIONS = 8
 
@@ -41,7 +43,15 @@ def now_ms() -> int:
 class PortPipeline:
     """One port's lines: parse, stamp, submit to the buffer, count, acknowledge."""
 
-    def __init__(self, port: PortConfig, config: Config, submit: Callable[[Sequence[Point]], asyncio.Future[None]]):
+    def __init__(
+        self,
+        port: PortConfig,
+        config: Config,
+        submit: Callable[[Sequence[Point]], asyncio.Future[None]],
+        *,
+        clock: ClockWatcher | None = None,
+        hold: Callable[[Sequence[Point], str], asyncio.Future[None]] | None = None,
+    ):
         self.port = port
         self.stats = PortStats(path=port.path)
         self.source = SerialSource(
@@ -53,11 +63,14 @@ class PortPipeline:
             newline=port.newline,
         )
         self._submit = submit
+        self._wall = clock
+        self._hold = hold
         self._context = ParseContext(
             devices={device.name: {pin: spec.type for pin, spec in device.pins.items()} for device in config.devices},
             default_device=port.device,
             max_future_ms=int(config.cloud.limits.max_future_days * 86_400_000),
         )
+        self._context_untrusted = dataclasses.replace(self._context, max_future_ms=UNKNOWN_FUTURE_MS)
         self._clock = McuClock()
         self._csv = CsvParser(port.columns, port.header) if port.format == "csv" else None
         self._throttle = Throttle(BAD_LINES_LOGGED_PER_MINUTE)
@@ -88,35 +101,49 @@ class PortPipeline:
         self._accept(result, received_ms)
 
     def _parse(self, raw: bytes, received_ms: int) -> Reading | Rejected | Ignored | None:
+        # An untrusted gateway clock cannot tell whether an MCU's own ts= lies in the future.
+        context = self._context if self._wall is None or self._wall.trusted else self._context_untrusted
         if self._csv is not None:
             text = _decode(raw)
             if text is None:
                 return Rejected("encoding", "invalid UTF-8")
             if not text.strip():
                 return None
-            return self._csv.parse(text, self._context, received_ms)
+            return self._csv.parse(text, context, received_ms)
         if self.port.format == "nmea" and self.port.nmea is not None and self.port.device is not None:
             text = _decode(raw)
             if text is None:
                 return Rejected("encoding", "invalid UTF-8")
             if not text.strip():
                 return None
-            return parse_nmea(text, self.port.nmea, self.port.device, self._context, received_ms)
-        return parse_line(raw, self.port.format, self._context, received_ms)
+            return parse_nmea(text, self.port.nmea, self.port.device, context, received_ms)
+        return parse_line(raw, self.port.format, context, received_ms)
 
     def _accept(self, reading: Reading, received_ms: int) -> None:
-        if reading.ts_ms is not None:
-            ts = reading.ts_ms
-        elif reading.mcu_ms is not None:
-            ts = self._clock.to_wall(reading.mcu_ms, received_ms)
+        wall = self._wall
+        if reading.ts_ms is not None or wall is None or self._hold is None or wall.trusted:
+            if reading.ts_ms is not None:
+                ts = reading.ts_ms
+            elif reading.mcu_ms is not None:
+                ts = self._clock.to_wall(reading.mcu_ms, received_ms)
+            else:
+                ts = received_ms
+            committed = self._submit([Point(reading.device, pin, ts, value) for pin, value in reading.values])
         else:
-            ts = received_ms
-        points = [Point(reading.device, pin, ts, value) for pin, value in reading.values]
-        committed = self._submit(points)
+            # The wall clock is untrusted: stamp on the boot's monotonic clock and hold until it is.
+            mono = wall.mono_of(received_ms)
+            if reading.mcu_ms is not None:
+                mono = self._clock.to_wall(reading.mcu_ms, mono)
+            points = [Point(reading.device, pin, mono, value) for pin, value in reading.values]
+            committed = self._hold(points, wall.boot_id)
         self.stats.count_ok()
         if self.port.ack and reading.seq is not None:
             seq = reading.seq
             committed.add_done_callback(lambda future: self._acknowledge(future, seq))
+
+    def reset_clock(self) -> None:
+        """Forget the MCU clock anchor (the gateway's clock jumped or changed domain)."""
+        self._clock.reset()
 
     def _acknowledge(self, future: asyncio.Future[None], seq: int) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -170,7 +197,11 @@ class Daemon:
             commit_interval_ms=buffer_config.commit_interval_ms,
             max_bytes=buffer_config.max_bytes,
         )
-        self.pipelines = [PortPipeline(port, config, self.buffer.submit) for port in config.ports]
+        self.clock = ClockWatcher(config.clock.require_sync, config.clock.previous_boots)
+        self.pipelines = [
+            PortPipeline(port, config, self.buffer.submit, clock=self.clock, hold=self.buffer.hold)
+            for port in config.ports
+        ]
         self.forwarders: dict[str, Forwarder] = {}
         self.ready = asyncio.Event()
         self.metrics: MetricsServer | None = None
@@ -189,6 +220,7 @@ class Daemon:
         """Run until `stop` is set, then stop in order: readers, forwarders, writer."""
         await self.buffer.open()
         try:
+            await self.clock.load(self.buffer)
             connector = aiohttp.TCPConnector(
                 ssl=ssl_context(self.config.cloud.ca_file), limit=HTTP_CONNECTIONS, ttl_dns_cache=300
             )
@@ -248,6 +280,7 @@ class Daemon:
             self.ready.set()
             self.notifier.ready(await status_line(self.buffer, self.forwarders))
             housekeeping = [snapshots]
+            housekeeping.append(group.create_task(self.clock.run(self.buffer, self._reset_clocks), name="clock"))
             if self.notifier.enabled:
                 watchdog = SystemdWatchdog(
                     self.notifier,
@@ -267,6 +300,10 @@ class Daemon:
             self.buffer.stop_writer()
             await writer
         log.info("daemon_stopped", queued=self.buffer.queued_total)
+
+    def _reset_clocks(self) -> None:
+        for pipeline in self.pipelines:
+            pipeline.reset_clock()
 
     async def _snapshot_loop(self) -> None:
         last: list[tuple[str, str, int, int, int, int, str]] = []

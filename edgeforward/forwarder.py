@@ -42,6 +42,7 @@ UNKNOWN_REFUSALS_BEFORE_BISECTION = 3
 UNKNOWN_REFUSALS_BEFORE_BISECTION_ALONE = 10
 BODY_MARGIN_BYTES = 256
 THIN_CHUNK_POINTS = 50_000
+TURN_BATCHES = 8
 SUCCESS_RECORD_INTERVAL_S = 10.0
 
 
@@ -154,6 +155,7 @@ class Forwarder:
         self._unknown_refusals: dict[tuple[int, int, int], tuple[int, float]] = {}
         self._history_blocked_until = 0.0
         self._round_requests = 1
+        self._deliveries: list[asyncio.Future[int]] = []
         self.live_interval_s = forward.live_interval_s
         self._budget: Budget | None = None
         self._next_expire = 0.0
@@ -304,13 +306,62 @@ class Forwarder:
             for pin in list(pins):
                 if self._dirty and self._clock() >= live_due:
                     return False
-                allowed = self._batch_cap if allocation is None else min(self._batch_cap, allocation[pin])
-                handled = await self._send_history_batch(pin, allowed) if allowed > 0 else 0
+                allowed = None if allocation is None else allocation[pin]
+                handled = await self._pin_turn(pin, allowed) if allowed is None or allowed > 0 else 0
                 if allocation is not None:
                     allocation[pin] -= handled
                 if handled == 0 or pin in self._parked_pins:
                     pins.remove(pin)
         return True
+
+    async def _pin_turn(self, pin: int, allowed: int | None) -> int:
+        """Send up to TURN_BATCHES of a pin's batches, reading the next while one is in flight."""
+        try:
+            return await self._pin_batches(pin, allowed)
+        finally:
+            await self._flush_deliveries()
+
+    async def _flush_deliveries(self) -> None:
+        """Wait for the deliveries still riding along with later commits; needed before anything re-reads."""
+        deliveries, self._deliveries = self._deliveries, []
+        if deliveries:
+            await asyncio.gather(*deliveries)
+
+    async def _pin_batches(self, pin: int, allowed: int | None) -> int:
+        def room(used: int) -> int:
+            return self._batch_cap if allowed is None else min(self._batch_cap, allowed - used)
+
+        handled = 0
+        points = await self._buffer.oldest(self.device.name, pin, room(0), max_id=self._horizon)
+        for _ in range(TURN_BATCHES):
+            if not points:
+                break
+            now = self._clock()
+            if points[0].ts_ms < self._expiry_cutoff_ms(now):
+                await self._flush_deliveries()
+                await self._expire(now)
+                return handled + 1
+            batch = build_history_batch(points, self._limits.max_request_bytes - BODY_MARGIN_BYTES)
+            following = room(handled + len(batch.points))
+            prefetch = asyncio.ensure_future(
+                self._buffer.oldest(
+                    self.device.name,
+                    pin,
+                    following,
+                    max_id=self._horizon,
+                    after=(batch.points[-1].ts_ms, batch.points[-1].id),
+                )
+            )
+            try:
+                await self._send_batch(pin, batch.points, batch=batch)
+            except BaseException:
+                prefetch.cancel()
+                raise
+            points = await prefetch
+            handled += len(batch.points)
+            if pin in self._parked_pins or following <= 0:
+                break
+        return handled
 
     async def _allocate(self, pins: list[int]) -> dict[int, int] | None:
         """Share today's points among pins (urgent first, then by priority); None when points are unlimited."""
@@ -359,31 +410,28 @@ class Forwarder:
         if thinned:
             self._log.warning("points_downsampled", pin=f"v{pin}", points=thinned, kept_ratio=round(ratio, 3))
 
-    async def _send_history_batch(self, pin: int, limit: int) -> int:
-        """Send one batch of at most `limit` of a pin's points; return how many were handled (0: none left)."""
-        now = self._clock()
-        points = await self._buffer.oldest(self.device.name, pin, limit, max_id=self._horizon)
-        if not points:
-            return 0
-        if points[0].ts_ms < self._expiry_cutoff_ms(now):
-            await self._expire(now)
-            return 1
-        batch = build_history_batch(points, self._limits.max_request_bytes - BODY_MARGIN_BYTES)
-        await self._send_batch(pin, batch.points)
-        return len(batch.points)
-
-    async def _send_batch(self, pin: int, points: Sequence[QueuedPoint], *, bisecting: bool = False) -> None:
+    async def _send_batch(
+        self,
+        pin: int,
+        points: Sequence[QueuedPoint],
+        *,
+        bisecting: bool = False,
+        batch: HistoryBatch | None = None,
+    ) -> None:
         assert self._client is not None
         self._check_messages()
         self._check_points(len(points))
-        batch = build_history_batch(points, self._limits.max_request_bytes - BODY_MARGIN_BYTES)
+        if batch is None:
+            batch = build_history_batch(points, self._limits.max_request_bytes - BODY_MARGIN_BYTES)
         try:
             await self._client.history(pin, batch.body, len(points))
         except RefusedError as exc:
             self.outcomes[f"refused_{exc.refusal.value}"] += 1
             await self._history_refused(pin, points, exc, bisecting=bisecting)
             return
-        await self._buffer.deliver(self.device.name, [p.id for p in points], "history")
+        self._deliveries.append(
+            asyncio.ensure_future(self._buffer.deliver(self.device.name, [p.id for p in points], "history"))
+        )
         await self._succeeded()
 
     async def _history_refused(

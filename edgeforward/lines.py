@@ -13,7 +13,7 @@ from typing import Any, Final
 from .config import Config, NmeaPins, PortConfig
 from .points import PIN_COUNT, STRING_MAX_BYTES, Location, PinType, Point, Value, parse_pin_name
 
-MIN_TS_MS: Final = 946_684_800_000  # 2000-01-01T00:00:00Z; smaller values are seconds or an unset clock
+MIN_TS_MS: Final = 1_577_836_800_000  # 2020-01-01T00:00:00Z; older is seconds, ts=0 or an MCU clock never set
 MS_PER_DAY: Final = 86_400_000
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
@@ -385,7 +385,7 @@ def _ts_problem(ts_ms: int | None, raw: Any, ctx: ParseContext, now_ms: int) -> 
     if ts_ms is None:
         return f"ts: expected integer epoch milliseconds, got {_show(raw)}"
     if ts_ms < MIN_TS_MS:
-        return f"ts: {ts_ms} is before the year 2000 (seconds instead of milliseconds?)"
+        return f"ts: {ts_ms} is before 2020 (seconds instead of milliseconds, or an MCU clock never set?)"
     if ts_ms > now_ms + ctx.max_future_ms:
         return f"ts: {ts_ms} is more than {ctx.max_future_ms} ms ahead of the gateway clock ({now_ms})"
     return None

@@ -168,7 +168,8 @@ class ProgressMonitor:
             self._progress_s[name] = now
             self._note_outcome(name, forwarder)
             return None
-        if (await self._buffer.ledger(name))["queued"] == 0:
+        # Only sendable points are due: readings held for an untrusted clock or on parked pins wait by design.
+        if not set(await self._buffer.pins_queued(name)) - set(forwarder.parked_pins):
             self._progress_s[name] = now
             return None
         quota = self._last_outcome.get(name) == QUOTA_OUTCOME or (forwarder.reason or "").startswith("quota")

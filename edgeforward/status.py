@@ -40,7 +40,7 @@ def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]
             daemon = _read_daemon(db)
             recovery = _read_recovery(db, devices)
     else:
-        recovery = {"buffer_recovery": None, "recoveries": 0}
+        recovery = {"buffer_recovery": None, "recoveries": 0, "clock": None, "held_unstamped": 0}
     for entry in devices.values():
         entry.update(_forecast(config, entry, now_s))
     return {"devices": devices, "ports": ports, "daemon": daemon, "buffer": str(path), **recovery}
@@ -53,9 +53,22 @@ def _read_recovery(db: sqlite3.Connection, devices: dict[str, dict[str, Any]]) -
     for name, entry in devices.items():
         entry["ingest_failed"] = int(failed.get(name, 0))
     recoveries = meta.get("recoveries", "0")
+    held: dict[str, int] = {}
+    with contextlib.suppress(sqlite3.OperationalError):  # a buffer from before clock holding has no such table
+        held = dict(
+            db.execute(
+                "SELECT devices.name, COUNT(*) FROM held JOIN devices ON devices.id = held.device_id "
+                "GROUP BY held.device_id"
+            ).fetchall()
+        )
+    for name, entry in devices.items():
+        entry["held_for_clock"] = int(held.get(name, 0))
+    unstamped = meta.get("held_unstamped", "0")
     return {
         "buffer_recovery": json.loads(meta["recovery"]) if meta.get("recovery") else None,
         "recoveries": int(recoveries) if recoveries.isdigit() else 0,
+        "clock": json.loads(meta["clock"]) if meta.get("clock") else None,
+        "held_unstamped": int(unstamped) if unstamped.isdigit() else 0,
     }
 
 
@@ -89,6 +102,7 @@ def _empty_device() -> dict[str, Any]:
         "last_success_ts": None,
         "deadletter": 0,
         "ingest_failed": 0,
+        "held_for_clock": 0,
     }
 
 

@@ -157,7 +157,7 @@ KV_ACCEPTED: list[tuple[str, Reading]] = [
     ('DEV="tank" v1=2', Reading("tank", ((1, 2.0),))),
     ("v1=1 ms=0 seq=7", Reading("pump", ((1, 1.0),), mcu_ms=0, seq=7)),
     ("v1=1 ms=4294967295", Reading("pump", ((1, 1.0),), mcu_ms=4294967295)),
-    ("v1=1 ts=946684800000", Reading("pump", ((1, 1.0),), ts_ms=946684800000)),
+    ("v1=1 ts=1577836800000", Reading("pump", ((1, 1.0),), ts_ms=1577836800000)),
     (f"v1=1 ts={NOW + FUTURE_MS}", Reading("pump", ((1, 1.0),), ts_ms=NOW + FUTURE_MS)),
 ]
 
@@ -174,7 +174,7 @@ def test_kv_out_of_range_is_not_rejected() -> None:
 
 
 def test_kv_old_timestamps_are_accepted() -> None:
-    assert_reading(parse_kv("v1=1 ts=1000000000000", CTX, NOW), Reading("pump", ((1, 1.0),), ts_ms=1000000000000))
+    assert_reading(parse_kv("v1=1 ts=1600000000000", CTX, NOW), Reading("pump", ((1, 1.0),), ts_ms=1600000000000))
 
 
 # ---------------------------------------------------------------- kv: rejected

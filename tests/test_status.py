@@ -27,6 +27,7 @@ EXTRA_DEVICE_KEYS = {
     "live_interval_s",
     "backlog_clears_in_s",
     "ingest_failed",
+    "held_for_clock",
     "delivered_live",
     "delivered_history",
     "reason",
