@@ -116,6 +116,7 @@ class PinSpec(_Table, frozen=True):
     min: float | None = None
     max: float | None = None
     priority: PositiveFloat = 1.0
+    deadband: NonNegativeFloat | None = None  # live: a change this small does not earn a live update
 
 
 class _DeviceTable(_Table, frozen=True):
@@ -125,6 +126,7 @@ class _DeviceTable(_Table, frozen=True):
     token_env: str | None = None
     token_credential: str | None = None
     pins: dict[str, Any] = {}
+    limits: dict[str, Any] | None = None
 
 
 class MetricsConfig(_Table, frozen=True):
@@ -155,6 +157,7 @@ class Device:
     name: str
     token: str = field(repr=False)
     pins: Mapping[int, PinSpec]
+    limits: Limits | None = None  # [device.limits]: this device's plan, when it differs from [cloud.limits]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +180,11 @@ class Config:
             if device.name == name:
                 return device
         return None
+
+    def limits_of(self, name: str) -> Limits:
+        """Return the plan limits of a device: its own [device.limits] over [cloud.limits]."""
+        device = self.device(name)
+        return device.limits if device is not None and device.limits is not None else self.cloud.limits
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -242,7 +250,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     if metrics.listen is not None and _split_listen(metrics.listen) is None:
         problems.append(f'metrics.listen: expected "HOST:PORT", got "{metrics.listen}"')
 
-    devices = _parse_devices(_array(raw, "device", problems), base, problems)
+    cloud_raw = raw.get("cloud", {})
+    limits_raw = cloud_raw.get("limits", {}) if isinstance(cloud_raw, dict) else {}
+    devices = _parse_devices(_array(raw, "device", problems), base, problems, limits_raw)
     ports = _parse_ports(_array(raw, "port", problems), devices, problems)
     if problems:
         raise ConfigError(problems)
@@ -267,7 +277,7 @@ def _array(raw: dict[str, Any], key: str, problems: list[str]) -> list[Any]:
     return value
 
 
-def _parse_devices(items: list[Any], base: Path, problems: list[str]) -> tuple[Device, ...]:
+def _parse_devices(items: list[Any], base: Path, problems: list[str], cloud_limits: Any) -> tuple[Device, ...]:
     devices: list[Device] = []
     seen: set[str] = set()
     for index, item in enumerate(items):
@@ -281,7 +291,11 @@ def _parse_devices(items: list[Any], base: Path, problems: list[str]) -> tuple[D
         pins = _parse_pins(table.pins, f"{where}.pins", problems)
         token = _resolve_token(table, where, base, problems)
         if token is not None:
-            devices.append(Device(name=table.name, token=token, pins=pins))
+            limits = None
+            if table.limits is not None:
+                merged = {**(cloud_limits if isinstance(cloud_limits, dict) else {}), **table.limits}
+                limits = _convert(merged, Limits, f"{where}.limits", problems)
+            devices.append(Device(name=table.name, token=token, pins=pins, limits=limits))
     return tuple(devices)
 
 

@@ -143,7 +143,7 @@ class Forwarder:
         self._buffer = buffer
         self._session = session
         self._cloud = cloud
-        self._limits = cloud.limits
+        self._limits = device.limits or cloud.limits
         self._forward = forward
         self._clock = clock
         self._wake = asyncio.Event()
@@ -156,6 +156,7 @@ class Forwarder:
         self._history_blocked_until = 0.0
         self._round_requests = 1
         self._deliveries: list[asyncio.Future[int]] = []
+        self._last_live: dict[int, str] = {}
         self.live_interval_s = forward.live_interval_s
         self._budget: Budget | None = None
         self._next_expire = 0.0
@@ -252,6 +253,8 @@ class Forwarder:
             newest = await self._buffer.newest(self.device.name, pin)
             if newest is None or newest.ts_ms < fresh_after_ms or newest.id in self._live_excluded:
                 continue
+            if not self._changed(pin, newest.value_json):
+                continue  # the dashboard already shows it; the point itself goes by history
             (locations if newest.value_json.startswith("[") else scalars).append(newest)
         self._dirty.clear()
         self._horizon = horizon
@@ -265,6 +268,22 @@ class Forwarder:
             location = value_from_json(point.value_json)
             assert isinstance(location, tuple)
             await self._send_live([point], functools.partial(client.update_location, point.pin, location))
+
+    def _changed(self, pin: int, value_json: str) -> bool:
+        """Whether a pin's newest value differs from what the live path last sent by more than its deadband."""
+        last = self._last_live.get(pin)
+        if last is None:
+            return True
+        if last == value_json:
+            return False
+        spec = self.device.pins.get(pin)
+        deadband = spec.deadband if spec is not None else None
+        if deadband is None:
+            return True
+        try:
+            return abs(float(value_json) - float(last)) > deadband
+        except ValueError:
+            return True
 
     def _fit_live_query(self, points: list[QueuedPoint]) -> list[QueuedPoint]:
         assert self._client is not None
@@ -290,6 +309,7 @@ class Forwarder:
             self._log.info("live_refused", reason=exc.message, pins=[p.pin for p in points])
             return
         await self._buffer.deliver(self.device.name, [p.id for p in points], "live")
+        self._last_live.update((p.pin, p.value_json) for p in points)
         await self._succeeded()
 
     # history path -------------------------------------------------------------------------------

@@ -106,9 +106,9 @@ def health(snapshot: Snapshot, config: Config) -> Health:
         if port.state is not PortState.OPEN:
             detail = f": {port.last_error}" if port.last_error else ""
             reasons.append(f"port {port.path} is absent{detail}")
-    limits = config.cloud.limits
     stale_after = config.metrics.stale_after_s
     for device in snapshot.devices:
+        limits = config.limits_of(device.name)
         queued = device.ledger["queued"]
         if queued == 0 or _budget_spent(device, limits.points_per_day, limits.messages_per_month):
             continue
@@ -158,7 +158,6 @@ class SnapshotCollector:
 
     def _devices(self) -> Iterable[Metric]:
         devices = self._snapshot.devices
-        limits = self._config.cloud.limits
         counters = {
             key: CounterMetricFamily(f"{PREFIX}_points_{key}", f"Points {key} (ledger)", labels=["device"])
             for key in ("received", "expired", "dropped", "rejected", "downsampled")
@@ -198,6 +197,7 @@ class SnapshotCollector:
                 requests.add_metric([device.name, outcome], count)
             today.add_metric(name, device.points_today)
             month.add_metric(name, device.messages_this_month)
+            limits = self._config.limits_of(device.name)
             if limits.points_per_day:
                 points_left.add_metric(name, max(0, limits.points_per_day - device.points_today))
             if limits.messages_per_month:

@@ -28,6 +28,10 @@ noise (a NUL, 0xFF...) is not lost.
 
 A ``path`` with glob characters (``*?[``) must match exactly one device at each open; none
 or several is the same as an absent device (retried with backoff, named in ``last_error``).
+
+``rfc2217://`` to a server whose device has no modem-control lines (a pty, ser2net's
+``local`` option) needs ``?ign_set_control`` on the URL: without it pyserial waits for the
+answer to SET_CONTROL and gives up after 3 s; ``last_error`` then says so.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ NOISE_REASON: Final = "noise"
 NEWLINES: Final = ("lf", "crlf", "cr", "any")
 GLOB_CHARS: Final = frozenset("*?[")
 MAX_MATCHES_SHOWN: Final = 4
+# pyserial's rfc2217 client refuses any write_timeout (NotImplementedError at open).
+_NO_WRITE_TIMEOUT_SCHEMES: Final = frozenset({"rfc2217"})
+_SET_CONTROL_TIMEOUT: Final = "waiting for option 'control'"  # pyserial's rfc2217 message
+_SET_CONTROL_HINT: Final = " (if the server's device has no modem-control lines, add ?ign_set_control to the URL)"
 
 # Bytes never found in a UTF-8 text line (tab, LF and CR excepted).
 _NOISE_RE: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\xc0\xc1\xf5-\xff]")
@@ -569,8 +577,9 @@ class SerialSource:
                 self.open_attempts += 1
                 try:
                     link = await self._open_link()
-                except (OSError, ValueError, NoMatch) as exc:
-                    # SerialException is an OSError; ValueError covers bad URLs and settings.
+                except Exception as exc:  # noqa: BLE001 - whatever a URL handler raises, the port is retried
+                    # Mostly SerialException (an OSError), ValueError for bad URLs and settings,
+                    # NoMatch; letting anything escape would stop the daemon's whole task group.
                     self._note_trouble("serial port absent", exc)
                     await asyncio.sleep(backoff.next_delay())
                     continue
@@ -608,11 +617,9 @@ class SerialSource:
         # The path is opened anew each time, so a /dev/serial/by-id/ link or a glob is resolved again.
         path = self.path if _is_url(self.path) else _match_one(self.path)
         device = None if _is_url(path) else os.path.realpath(path)
-        settings: dict[str, Any] = {
-            "baudrate": self.baud,
-            "timeout": THREAD_READ_TIMEOUT_S,
-            "write_timeout": URL_WRITE_TIMEOUT_S,
-        }
+        settings: dict[str, Any] = {"baudrate": self.baud, "timeout": THREAD_READ_TIMEOUT_S}
+        if path.partition("://")[0].lower() not in _NO_WRITE_TIMEOUT_SCHEMES:
+            settings["write_timeout"] = URL_WRITE_TIMEOUT_S
         try:
             port = serial.serial_for_url(path, exclusive=True, **settings)
         except TypeError:
@@ -653,7 +660,10 @@ class SerialSource:
 
     def _note_trouble(self, event: str, exc: BaseException) -> None:
         self.stats.state = PortState.ABSENT
-        self.stats.last_error = str(exc) or type(exc).__name__
+        error = str(exc) or type(exc).__name__
+        if _SET_CONTROL_TIMEOUT in error:
+            error += _SET_CONTROL_HINT
+        self.stats.last_error = error
         if self._warned:
             self._log.debug(event, error=self.stats.last_error)
         else:

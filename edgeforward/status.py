@@ -41,8 +41,8 @@ def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]
             recovery = _read_recovery(db, devices)
     else:
         recovery = {"buffer_recovery": None, "recoveries": 0, "clock": None, "held_unstamped": 0}
-    for entry in devices.values():
-        entry.update(_forecast(config, entry, now_s))
+    for name, entry in devices.items():
+        entry.update(_forecast(config, name, entry, now_s))
     return {"devices": devices, "ports": ports, "daemon": daemon, "buffer": str(path), **recovery}
 
 
@@ -72,9 +72,9 @@ def _read_recovery(db: sqlite3.Connection, devices: dict[str, dict[str, Any]]) -
     }
 
 
-def _forecast(config: Config, entry: dict[str, Any], now_s: float) -> dict[str, Any]:
+def _forecast(config: Config, name: str, entry: dict[str, Any], now_s: float) -> dict[str, Any]:
     """Budget limits, the live interval in effect and when the backlog clears at the current budget."""
-    limits = config.cloud.limits
+    limits = config.limits_of(name)
     forward = config.forward
     messages_left = (
         max(0, limits.messages_per_month - entry["messages_this_month"]) if limits.messages_per_month else None
@@ -240,8 +240,11 @@ def _devices_table(devices: dict[str, Any], limits: Limits | None, now: float) -
             str(entry["dropped"]),
             rejected,
             _age(entry["oldest_queued_ts"], now),
-            _used(entry["points_today"], limits.points_per_day if limits else 0),
-            _used(entry["messages_this_month"], limits.messages_per_month if limits else 0),
+            _used(entry["points_today"], entry.get("points_per_day_limit", limits.points_per_day if limits else 0)),
+            _used(
+                entry["messages_this_month"],
+                entry.get("messages_per_month_limit", limits.messages_per_month if limits else 0),
+            ),
             _age(entry["last_success_ts"], now, suffix=" ago"),
         )
     return table

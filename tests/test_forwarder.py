@@ -375,3 +375,31 @@ async def test_value_refused_by_pattern_isolated_alone(tmp_path: Path) -> None:
         counts = await r.drained()
     await cloud.stop()
     assert counts["rejected"] == 1 and counts["delivered_history"] == 19 and adds_up(counts)
+
+
+async def test_live_sends_only_changed_pins_and_respects_deadband(tmp_path: Path, sim: CloudSim) -> None:
+    config = parse_config(
+        {
+            "cloud": {"server": str(sim.url), "timeout_s": 2, "limits": {"messages_per_month": 0}},
+            "buffer": {"path": str(tmp_path / "buffer.db")},
+            "forward": {"live_interval_s": 0.2, "history_interval_s": 0.2},
+            "device": [
+                {
+                    "name": "pump",
+                    "token": TOKEN,
+                    "pins": {"v1": {"type": "double", "deadband": 0.5}, "v2": "integer"},
+                }
+            ],
+        },
+        tmp_path / "edgeforward.toml",
+    )
+    async with rig(config) as r:
+        for v1, v2 in [(20.0, 1), (20.3, 1), (21.0, 2)]:
+            await r.buffer.submit([Point("pump", 1, now_ms(), v1), Point("pump", 2, now_ms(), v2)])
+            await wait_for(lambda: len(sim.points(TOKEN)) >= 2, 5)
+            await asyncio.sleep(0.35)
+        counts = await r.drained()
+    live = [(p.pin, p.value) for p in sim.points(TOKEN) if p.path == "live"]
+    assert (1, 20.3) not in live and (2, 1) in live and live.count((2, 1)) == 1
+    assert (1, 21.0) in live and (2, 2) in live
+    assert counts["delivered_live"] + counts["delivered_history"] == 6 and adds_up(counts)

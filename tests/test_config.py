@@ -1,0 +1,135 @@
+"""Config: typed, frozen, every problem named by its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from edgeforward.config import ConfigError, config_path, load_config, parse_config
+from edgeforward.points import PinType
+
+TOKEN = "tok-0123456789abcdef"
+
+
+def problems_of(raw: dict[str, Any], tmp_path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, tmp_path / "edgeforward.toml")
+    return caught.value.problems
+
+
+def device(**extra: Any) -> dict[str, Any]:
+    return {"name": "pump", "token": TOKEN, "pins": {"v1": "double"}, **extra}
+
+
+def test_minimal_config_defaults_and_frozen(tmp_path: Path) -> None:
+    config = parse_config({"device": [device()]}, tmp_path / "edgeforward.toml")
+    assert config.cloud.server == "https://blynk.cloud"
+    assert config.cloud.limits.points_per_day == 10_000 and config.cloud.limits.messages_per_month == 100_000
+    assert config.buffer.synchronous == "FULL"
+    assert config.devices[0].pins[1].type is PinType.DOUBLE
+    with pytest.raises(AttributeError):
+        config.cloud.timeout_s = 1  # type: ignore[misc]
+    assert TOKEN not in repr(config.devices[0])
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "pump.token").write_text(TOKEN + "\n")
+    raw = {"buffer": {"path": "data/buffer.db"}, "device": [{"name": "pump", "token_file": "pump.token"}]}
+    config = parse_config(raw, tmp_path / "edgeforward.toml")
+    assert config.buffer.path == str(tmp_path / "data" / "buffer.db")
+    assert config.devices[0].token == TOKEN
+
+
+def test_token_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUMP_TOKEN", TOKEN)
+    credentials = tmp_path / "creds"
+    credentials.mkdir()
+    (credentials / "fan").write_text(TOKEN + "x")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    raw = {
+        "device": [
+            {"name": "pump", "token_env": "PUMP_TOKEN"},
+            {"name": "fan", "token_credential": "fan"},
+        ]
+    }
+    config = parse_config(raw, tmp_path / "edgeforward.toml")
+    assert [d.token for d in config.devices] == [TOKEN, TOKEN + "x"]
+    assert config.tokens == (TOKEN, TOKEN + "x")
+
+
+def test_every_problem_on_its_own_line_with_its_key_path(tmp_path: Path) -> None:
+    raw = {
+        "extra": 1,
+        "cloud": {"server": "ftp://x", "limits": {"points_per_day": -1}},
+        "forward": {"over_quota": "burst"},
+        "port": [{"path": "/dev/ttyACM0", "device": "ghost", "format": "xml"}],
+        "device": [
+            {"name": "pump", "pins": {"v7": "decimal", "v300": "double", "x1": "double"}},
+            {"name": "fan", "token": TOKEN, "token_env": "X"},
+            {"name": "fan2", "token": TOKEN, "limits": {"batch_max_points": 0}},
+        ],
+    }
+    problems = problems_of(raw, tmp_path)
+    expected_starts = [
+        "extra: unknown key",
+        "cloud.limits.points_per_day:",
+        "forward.over_quota:",
+        'device[0].pins.v7.type: expected one of integer|double|string|boolean|enum|location, got "decimal"',
+        'device[0].pins.v300: expected a virtual pin name v0..v255, got "v300"',
+        "device[0].pins.x1:",
+        "device[0].token: missing",
+        "device[1].token_env: give only one of token, token_env",
+        "device[2].limits.",
+        "port[0].format:",
+    ]
+    for start in expected_starts:
+        assert any(problem.startswith(start) for problem in problems), (start, problems)
+
+
+def test_device_limits_override_the_cloud_plan_key_by_key(tmp_path: Path) -> None:
+    raw = {
+        "cloud": {"limits": {"points_per_day": 3000, "messages_per_month": 500}},
+        "device": [device(), {**device(name="pro", limits={"points_per_day": 100_000, "messages_per_month": 0})}],
+    }
+    config = parse_config(raw, tmp_path / "edgeforward.toml")
+    assert config.limits_of("pump").points_per_day == 3000
+    pro = config.limits_of("pro")
+    assert (pro.points_per_day, pro.messages_per_month) == (100_000, 0)
+    assert pro.batch_max_points == config.cloud.limits.batch_max_points
+
+
+def test_nmea_and_csv_ports_checked(tmp_path: Path) -> None:
+    raw = {
+        "port": [
+            {"path": "/dev/ttyUSB0", "format": "csv", "device": "pump"},
+            {"path": "/dev/ttyUSB1", "format": "nmea", "device": "pump", "nmea": {"location": "v1"}},
+        ],
+        "device": [device()],
+    }
+    problems = problems_of(raw, tmp_path)
+    assert any(p.startswith("port[0].columns: csv needs") for p in problems)
+    assert any(p.startswith("port[1].nmea.location: pin v1 is a double pin") for p in problems)
+
+
+def test_load_config_file_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cloud\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    monkeypatch.setenv("EDGEFORWARD_CONFIG", str(bad))
+    assert config_path(None) == bad
+    monkeypatch.delenv("EDGEFORWARD_CONFIG")
+    with pytest.raises(ConfigError, match="EDGEFORWARD_CONFIG"):
+        config_path(None)
+
+
+def test_limits_struct_is_typed() -> None:
+    from edgeforward.config import Limits
+
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"requests_per_second": "fast"}, Limits, strict=True)
