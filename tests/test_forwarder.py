@@ -403,3 +403,31 @@ async def test_live_sends_only_changed_pins_and_respects_deadband(tmp_path: Path
     assert (1, 20.3) not in live and (2, 1) in live and live.count((2, 1)) == 1
     assert (1, 21.0) in live and (2, 2) in live
     assert counts["delivered_live"] + counts["delivered_history"] == 6 and adds_up(counts)
+
+
+async def test_429_retry_after_is_honored(tmp_path: Path, sim: CloudSim) -> None:
+    config = make_config(tmp_path, str(sim.url), live=0)
+    sim.retry_after_s = 1.0
+    sim.outage = "429"
+    async with rig(config, [Point("pump", 1, now_ms() - 1000, 1.0)]) as r:
+        await wait_for(lambda: len(sim.requests) >= 1, 5)
+        await asyncio.sleep(1.5)
+        attempts_while_limited = len(sim.requests)
+        sim.outage = None
+        counts = await r.drained()
+    # retry_max_s is 0.2 here: without Retry-After there would have been about eight attempts.
+    assert attempts_while_limited <= 3
+    assert counts["delivered_history"] == 1
+
+
+async def test_cloud_quota_refusal_waits_for_the_reset(tmp_path: Path, sim: CloudSim) -> None:
+    config = make_config(tmp_path, str(sim.url), live=0)
+    sim.outage = "error:Daily data points limit reached."
+    async with rig(config, [Point("pump", 1, now_ms() - 1000, 1.0)]) as r:
+        await wait_for(lambda: len(sim.requests) >= 1, 5)
+        await asyncio.sleep(1.0)
+        counts = await r.ledger()
+        reason = r.forwarder.reason
+    assert len(sim.requests) == 1  # no hammering until the next UTC day
+    assert counts["queued"] == 1 and counts["rejected"] == 0
+    assert reason is not None and reason.startswith("quota")
