@@ -134,6 +134,11 @@ def timesyncd_synchronized(flag: Path = TIMESYNC_FLAG) -> bool:
     return flag.exists()
 
 
+def timesyncd_present(flag: Path = TIMESYNC_FLAG) -> bool:
+    """Return whether systemd-timesyncd runs here (its flag file will tell when the clock is synced)."""
+    return flag.parent.is_dir()
+
+
 def hardware_clock() -> str | None:
     """Return where the clock came from when it was not a guess: "rtc", "vm", or None."""
     for path in glob.glob(RTC_HCTOSYS_GLOB):
@@ -177,6 +182,7 @@ class ClockSources:
     mono_ms: Callable[[], int] = boot_ms
     kernel_sync: Callable[[], KernelSync | None] = read_adjtimex
     timesync_flag: Callable[[], bool] = timesyncd_synchronized
+    timesync_present: Callable[[], bool] = timesyncd_present
     hardware_clock: Callable[[], str | None] = hardware_clock
     boot_id: Callable[[], str] = read_boot_id
 
@@ -200,7 +206,9 @@ def assess(require_sync: RequireSync, sources: ClockSources, floor_ms: int = REL
         return Trust(True, "timesyncd")
     if require_sync is True:
         return Trust(False, "unsynchronized")
-    origin = sources.hardware_clock() or ("no_adjtimex" if kernel is None else None)
+    # adjtimex may be filtered (systemd's ProtectClock=): then only a machine without timesyncd is given the benefit.
+    blind = kernel is None and not sources.timesync_present()
+    origin = sources.hardware_clock() or ("no_adjtimex" if blind else None)
     if origin is None:
         return Trust(False, "unsynchronized")
     if sources.wall_ms() < floor_ms:
