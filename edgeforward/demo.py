@@ -21,6 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .buffer import LEDGER_FIELDS
 from .cloudsim import CloudSim, SimDevice
 from .config import parse_config
 from .daemon import Daemon
@@ -203,21 +204,8 @@ async def _frame(daemon: Daemon, sim: CloudSim, elapsed: float, events: tuple[st
 
 async def _final_ledger(path: str) -> dict[str, int]:
     with contextlib.closing(sqlite3.connect(path)) as db:
-        row = db.execute(
-            "SELECT received, delivered_live, delivered_history, queued, expired, dropped, rejected, downsampled "
-            "FROM ledger"
-        ).fetchone()
-    keys = (
-        "received",
-        "delivered_live",
-        "delivered_history",
-        "queued",
-        "expired",
-        "dropped",
-        "rejected",
-        "downsampled",
-    )
-    return dict(zip(keys, row, strict=True))
+        row = db.execute(f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger").fetchone()
+    return dict(zip(LEDGER_FIELDS, row, strict=True))
 
 
 def _summary(console: Console, lines: int, counts: dict[str, int], sim: CloudSim) -> bool:
