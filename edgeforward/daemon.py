@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -30,6 +32,8 @@ from .serial_source import PortStats, SerialSource
 log = structlog.get_logger(__name__)
 
 STOP_TIMEOUT_S = 5.0
+M_ARENA_MAX = -8  # glibc mallopt parameter
+MALLOC_ARENAS = 2
 SNAPSHOT_INTERVAL_S = 5.0  # port counters for status; each changed snapshot is a commit (SD wear, idle CPU)
 BAD_LINES_LOGGED_PER_MINUTE = 5
 HTTP_CONNECTIONS = 8
@@ -322,8 +326,15 @@ async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]], within_s: float)
         await asyncio.wait(tasks, timeout=within_s)
 
 
+def limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas: each thread (SQLite, serial) would otherwise keep its own, and RSS grows."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+
+
 async def run_daemon(config: Config, *, on_ready: Callable[[Daemon], None] | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
+    limit_malloc_arenas()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
