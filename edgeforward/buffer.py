@@ -25,6 +25,8 @@ log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 3
 PAGE_CACHE_KIB = 1024
+VACUUM_CHECK_INTERVAL_S = 60.0
+VACUUM_MIN_FREED_ROWS = 2_000
 BUSY_TIMEOUT_MS = 10_000
 GROUP_COMMIT_MAX_ITEMS = 20_000
 # Incremental vacuum: give free pages back to the file system once this many are free (and a quarter of the file).
@@ -278,6 +280,8 @@ class Buffer:
         self._queued_total = 0
         self._pending = _Pending()
         self._urgent: list[tuple[WriteOp, asyncio.Future[Any]]] = []
+        self._next_vacuum_check = 0.0
+        self._freed_rows = 0
         self._wake = asyncio.Event()
         self._closing = False
         self._listeners: list[CommitListener] = []
@@ -471,6 +475,7 @@ class Buffer:
                     committed = await self._insert(conn, points)
                 if held:
                     await self._insert_held(conn, held)
+            queued_before_ops = self._queued_total
             for op, _ in ops:
                 results.append(await op(conn))
             if self._ingest_failed_dirty:
@@ -486,7 +491,7 @@ class Buffer:
             raise
         self._ingest_failed_dirty = False
         if ops:
-            self._freed_since_vacuum = True
+            self._freed_rows += max(0, queued_before_ops - self._queued_total)
         return committed, results
 
     async def _commit_when_full(self, pending: _Pending) -> tuple[list[Committed], list[Any], BufferFullError | None]:
@@ -564,8 +569,14 @@ class Buffer:
 
     async def _maintain(self) -> None:
         """Give free pages back to the file system once a backlog has drained (incremental vacuum)."""
-        if not self._freed_since_vacuum or self._write is None:
+        now = time.monotonic()
+        # Two PRAGMA round trips after every delivery would be most of an idle gateway's CPU: look only once
+        # many rows were freed, or now and then.
+        due = self._freed_rows >= VACUUM_MIN_FREED_ROWS or (self._freed_rows and now >= self._next_vacuum_check)
+        if not (self._freed_since_vacuum or due) or self._write is None:
             return
+        self._next_vacuum_check = now + VACUUM_CHECK_INTERVAL_S
+        self._freed_rows = 0
         self._freed_since_vacuum = False
         try:
             async with self._write.execute("PRAGMA freelist_count") as cursor:
@@ -579,7 +590,7 @@ class Buffer:
             # The file only shrinks when the WAL is copied back into it.
             async with self._write.execute("PRAGMA wal_checkpoint(PASSIVE)") as cursor:
                 await cursor.fetchall()
-            self._freed_since_vacuum = free[0] > VACUUM_STEP_PAGES
+            self._freed_since_vacuum = free[0] > VACUUM_STEP_PAGES  # more to give back: go on at the next commit
             log.debug("buffer_vacuumed", free_pages=free[0], pages=total[0])
         except sqlite3.Error as exc:
             log.warning("buffer_vacuum_failed", error=str(exc))

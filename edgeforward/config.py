@@ -77,7 +77,7 @@ class ForwardConfig(_Table, frozen=True):
     """How often each path to the cloud runs."""
 
     live_interval_s: NonNegativeFloat = 10.0
-    history_interval_s: PositiveFloat = 10.0
+    history_interval_s: PositiveFloat = 60.0
     retry_initial_s: PositiveFloat = 1.0
     retry_max_s: PositiveFloat = 60.0
     park_recheck_s: PositiveFloat = 300.0
