@@ -199,8 +199,11 @@ class Forwarder:
             try:
                 await self._expire_if_due(now)
                 if live and self._dirty and now >= next_live:
-                    next_live = now + min(self._live_interval(now), next_utc_month_s(now) - now)
-                    await self._live_tick(now)
+                    # A tick that found nothing fresh and changed spent no message: the next may come sooner.
+                    paced = min(self._live_interval(now), next_utc_month_s(now) - now)
+                    next_live = now + self._forward.live_interval_s
+                    if await self._live_tick(now):
+                        next_live = now + paced
                 if not live and self._dirty:
                     self._horizon = await self._buffer.max_id()
                     self._dirty.clear()
@@ -242,7 +245,8 @@ class Forwarder:
 
     # live path ----------------------------------------------------------------------------------
 
-    async def _live_tick(self, now: float) -> None:
+    async def _live_tick(self, now: float) -> bool:
+        """Send the newest fresh, changed value of each dirty pin; return whether anything was sent."""
         horizon = await self._buffer.max_id()
         fresh_after_ms = int((now - max(2 * self._forward.live_interval_s, LIVE_FRESH_MIN_S)) * 1000)
         scalars: list[QueuedPoint] = []
@@ -268,6 +272,7 @@ class Forwarder:
             location = value_from_json(point.value_json)
             assert isinstance(location, tuple)
             await self._send_live([point], functools.partial(client.update_location, point.pin, location))
+        return bool(scalars or locations)
 
     def _changed(self, pin: int, value_json: str) -> bool:
         """Whether a pin's newest value differs from what the live path last sent by more than its deadband."""
