@@ -125,7 +125,8 @@ async def _demo(seconds: float, console: Console, *, headless: bool) -> bool:
     with tempfile.TemporaryDirectory(prefix="edgeforward-demo-") as tmp:
         config = parse_config(
             {
-                "cloud": {"server": server, "timeout_s": 2},
+                # The local cloud has no monthly cap: live updates are not paced to a plan's messages here.
+                "cloud": {"server": server, "timeout_s": 2, "limits": {"messages_per_month": 0}},
                 "buffer": {"path": str(Path(tmp) / "buffer.db")},
                 "forward": {
                     "live_interval_s": 1,
