@@ -22,7 +22,7 @@ from .buffer import Buffer, Committed
 from .clock import UNKNOWN_FUTURE_MS, ClockWatcher
 from .config import Config, PortConfig
 from .forwarder import Forwarder
-from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected, parse_line, parse_nmea
+from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected, parse_line
 from .logs import Throttle
 from .metrics import DaemonView, MetricsServer
 from .notify import Notifier, ProgressMonitor, SystemdWatchdog, status_line, watchdog_interval_s
@@ -107,21 +107,7 @@ class PortPipeline:
     def _parse(self, raw: bytes, received_ms: int) -> Reading | Rejected | Ignored | None:
         # An untrusted gateway clock cannot tell whether an MCU's own ts= lies in the future.
         context = self._context if self._wall is None or self._wall.trusted else self._context_untrusted
-        if self._csv is not None:
-            text = _decode(raw)
-            if text is None:
-                return Rejected("encoding", "invalid UTF-8")
-            if not text.strip():
-                return None
-            return self._csv.parse(text, context, received_ms)
-        if self.port.format == "nmea" and self.port.nmea is not None and self.port.device is not None:
-            text = _decode(raw)
-            if text is None:
-                return Rejected("encoding", "invalid UTF-8")
-            if not text.strip():
-                return None
-            return parse_nmea(text, self.port.nmea, self.port.device, context, received_ms)
-        return parse_line(raw, self.port.format, context, received_ms)
+        return parse_line(raw, self.port.format, context, received_ms, csv_parser=self._csv, nmea_pins=self.port.nmea)
 
     def _accept(self, reading: Reading, received_ms: int) -> None:
         wall = self._wall
@@ -168,13 +154,6 @@ class PortPipeline:
             stats.reconnects,
             detail,
         )
-
-
-def _decode(raw: bytes) -> str | None:
-    try:
-        return raw.decode("utf-8").rstrip("\r")
-    except UnicodeDecodeError:
-        return None
 
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext:
