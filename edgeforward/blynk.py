@@ -121,6 +121,7 @@ class BlynkClient:
         limiter: RateLimiter,
         on_redirect: RedirectHandler | None = None,
         on_attempt: AttemptHandler | None = None,
+        on_refund: AttemptHandler | None = None,
     ) -> None:
         self._session = session
         self.server = server.rstrip("/")
@@ -129,6 +130,7 @@ class BlynkClient:
         self._limiter = limiter
         self._on_redirect = on_redirect
         self._on_attempt = on_attempt
+        self._on_refund = on_refund
         self.requests = 0
 
     def live_query(self, values: Sequence[tuple[int, Value]]) -> str:
@@ -158,6 +160,7 @@ class BlynkClient:
     ) -> str:
         headers = {"Content-Type": "application/json"} if body is not None else None
         server = self.server
+        counted = points  # points counted against the budget and not yet imported by the cloud
         for _ in range(MAX_REDIRECTS + 1):
             params = f"token={quote(self._token, safe='')}" + (f"&{query}" if query else "")
             url = URL(f"{server}{API_PATH}{endpoint}?{params}", encoded=True)
@@ -178,7 +181,11 @@ class BlynkClient:
                         text = await _error_text(response)
                         status = response.status
                         retry_after = _retry_after(response.headers.get("Retry-After"))
+            except aiohttp.ClientConnectorError as exc:
+                await self._refund(counted)  # never reached the cloud: nothing was imported
+                raise TransientError(_describe(exc)) from None
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                # The cloud may have imported the points before the answer was lost: keep them counted.
                 raise TransientError(_describe(exc)) from None
             if redirect:
                 target = _origin(str(location), server)
@@ -187,10 +194,15 @@ class BlynkClient:
                 await self._follow(target)
                 server = self.server
                 continue
+            await self._refund(counted)  # an error answer imports nothing
             if status == 429 or status >= 500:
                 raise TransientError(f"{status} {text}".strip(), retry_after_s=retry_after)
             raise RefusedError(classify(status, text), text, status)
         raise TransientError(f"more than {MAX_REDIRECTS} redirects")
+
+    async def _refund(self, points: int) -> None:
+        if points and self._on_refund is not None:
+            await self._on_refund(points)
 
     async def _follow(self, server: str) -> None:
         if server != self.server:

@@ -854,7 +854,7 @@ class Buffer:
 
         async def op(conn: aiosqlite.Connection) -> Budget:
             current = await self._budget(conn, device_id, day, month)
-            spent = Budget(day, current.points_day + points, month, current.messages_month + messages)
+            spent = Budget(day, max(0, current.points_day + points), month, current.messages_month + messages)
             await conn.execute(
                 "INSERT OR REPLACE INTO budget (device_id, day, points_day, month, messages_month) "
                 "VALUES (?, ?, ?, ?, ?)",

@@ -185,6 +185,7 @@ class Forwarder:
             limiter=RateLimiter(self._limits.requests_per_second),
             on_redirect=self._remember_server,
             on_attempt=self._spend,
+            on_refund=self._refund,
         )
         self._budget = await self._buffer.budget(self.device.name, self._clock())
         self._dirty |= set(await self._buffer.pins_queued(self.device.name))
@@ -499,6 +500,10 @@ class Forwarder:
     async def _spend(self, points: int) -> None:
         self.last_attempt_s = self._clock()
         self._budget = await self._buffer.spend(self.device.name, self._clock(), messages=1, points=points)
+
+    async def _refund(self, points: int) -> None:
+        """Give back the points of a request the cloud answered with an error (it imported none)."""
+        self._budget = await self._buffer.spend(self.device.name, self._clock(), messages=0, points=-points)
 
     def _current_budget(self, now: float) -> Budget:
         budget = self._budget or Budget(utc_day(now), 0, utc_month(now), 0)

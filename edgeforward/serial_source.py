@@ -343,6 +343,10 @@ def _close_late_open(fut: asyncio.Future[tuple[serial.Serial, str | None]]) -> N
     threading.Thread(target=_close_opened, args=(fut.result(),), daemon=True).start()
 
 
+def _keep_input() -> None:
+    """Stands in for pyserial's input flush while a port is opened."""
+
+
 def _is_url(path: str) -> bool:
     return "://" in path
 
@@ -621,10 +625,18 @@ class SerialSource:
         if path.partition("://")[0].lower() not in _NO_WRITE_TIMEOUT_SCHEMES:
             settings["write_timeout"] = URL_WRITE_TIMEOUT_S
         try:
-            port = serial.serial_for_url(path, exclusive=True, **settings)
+            port = serial.serial_for_url(path, exclusive=True, do_not_open=True, **settings)
         except TypeError:
             # A URL handler without the exclusive setting: open it shared.
-            port = serial.serial_for_url(path, **settings)
+            port = serial.serial_for_url(path, do_not_open=True, **settings)
+        if device is not None:
+            # pyserial flushes the input on open: lines the device wrote while the port was closed (a daemon
+            # restart) would be lost. Keep them; a partial first line is handled by the parser's caller.
+            port.__dict__["_reset_input_buffer"] = _keep_input
+        try:
+            port.open()
+        finally:
+            port.__dict__.pop("_reset_input_buffer", None)
         return port, device
 
     @staticmethod

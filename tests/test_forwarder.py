@@ -431,3 +431,20 @@ async def test_cloud_quota_refusal_waits_for_the_reset(tmp_path: Path, sim: Clou
     assert len(sim.requests) == 1  # no hammering until the next UTC day
     assert counts["queued"] == 1 and counts["rejected"] == 0
     assert reason is not None and reason.startswith("quota")
+
+
+async def test_points_of_refused_or_failed_requests_are_given_back(tmp_path: Path) -> None:
+    cloud = CloudSim([SimDevice(TOKEN, "pump", SIM_PINS, refuse={2: "^13$"})], limits=SimLimits(points_per_day=100))
+    await cloud.start()
+    config = make_config(tmp_path, str(cloud.url), limits={"points_per_day": 100}, live=0)
+    cloud.outage = "500"
+    async with rig(config, [Point("pump", 2, now_ms() - 1000 + i, i) for i in range(40)]) as r:
+        await wait_for(lambda: len(cloud.requests) >= 3, 5)
+        cloud.outage = None
+        counts = await r.drained()
+        budget = await r.buffer.budget("pump", time.time())
+    await cloud.stop()
+    # Three failed attempts and a bisection for the refused value: only the 39 imported points count.
+    assert counts["delivered_history"] == 39 and counts["rejected"] == 1
+    assert budget.points_day == 39
+    assert budget.messages_month == len(cloud.requests)

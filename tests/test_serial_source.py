@@ -10,6 +10,7 @@ import random
 import re
 import select
 import time
+import tty
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -179,6 +180,17 @@ async def test_pty_lines_exact_order_crlf_and_splits(pty: Pty) -> None:
     assert all(before_ms <= ms <= after_ms for _, ms, _ in got.items)
     assert source.stats.lines_bad == 0
     assert source.stats.state is PortState.ABSENT
+
+
+async def test_lines_written_before_the_port_opens_are_kept(pty: Pty) -> None:
+    # A daemon restart: the device went on printing into the kernel's buffer; pyserial would flush it on open.
+    tty.setraw(pty.slave)
+    await pty.send(b"v1=1\nv1=2\n")
+    got = Received()
+    source = SerialSource(pty.name, 115_200, got)
+    async with running(source):
+        await wait_for(lambda: len(got.items) == 2)
+    assert got.lines == [b"v1=1", b"v1=2"]
 
 
 async def test_pty_overlong_line_discarded_counted_and_next_line_fine(pty: Pty) -> None:
