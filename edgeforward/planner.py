@@ -92,14 +92,6 @@ def _water_fill(demand: Mapping[int, int], weights: Mapping[int, float], budget:
     return budget
 
 
-def batches(points: int, batch_max: int) -> list[int]:
-    """Split a point count into batch sizes of at most batch_max, largest first."""
-    if points <= 0 or batch_max <= 0:
-        return []
-    full, rest = divmod(points, batch_max)
-    return [batch_max] * full + ([rest] if rest else [])
-
-
 def downsample_keep(timestamps: Sequence[int], values: Sequence[float], keep: int) -> list[int]:
     """Indices to keep so the series keeps its shape: per time bucket its min, max and last point."""
     count = len(timestamps)

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from edgeforward.planner import (
     PinBacklog,
     allocate_points,
-    batches,
     clear_eta_s,
     downsample_keep,
     history_messages_left,
@@ -90,13 +89,6 @@ def test_history_keeps_the_live_share(left: int | None, share: float, live: bool
         assert history is not None and 0 <= history <= left
         if live:
             assert left - history >= left * share - 1e-9
-
-
-@given(st.integers(0, 100_000), st.integers(1, 10_000))
-def test_batches_cover_exactly(points: int, batch_max: int) -> None:
-    sizes = batches(points, batch_max)
-    assert sum(sizes) == points
-    assert all(0 < size <= batch_max for size in sizes)
 
 
 @settings(max_examples=200, deadline=None)
