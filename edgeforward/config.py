@@ -494,9 +494,3 @@ def split_listen(listen: str) -> tuple[str, int]:
     if parsed is None:
         raise ValueError(f'expected "HOST:PORT", got "{listen}"')
     return parsed
-
-
-def server_origin(server: str) -> str:
-    """Normalize a server URL to scheme://host[:port]."""
-    parts = urlsplit(server)
-    return f"{parts.scheme}://{parts.netloc}"
