@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from .config import ConfigError, Limits, load_config
+from .config import split_listen as config_split_listen
 from .points import PIN_COUNT, STRING_MAX_BYTES, PinType, Value, parse_pin_name
 
 _log = structlog.get_logger(__name__)
@@ -1171,10 +1172,10 @@ def _json_pin(
 
 def split_listen(listen: str) -> tuple[str, int]:
     """Split "HOST:PORT" (port 0 = any free port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise SimError(f'expected "HOST:PORT", got "{listen}"')
-    return host.strip("[]"), int(port)
+    try:
+        return config_split_listen(listen, any_port=True)
+    except ValueError as exc:
+        raise SimError(str(exc)) from None
 
 
 async def serve(

@@ -481,16 +481,17 @@ def _check_server(server: str, problems: list[str]) -> None:
         problems.append(f'cloud.server: give scheme://host[:port] only, got "{server}"')
 
 
-def _split_listen(listen: str) -> tuple[str, int] | None:
+def _split_listen(listen: str, *, any_port: bool = False) -> tuple[str, int] | None:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    lowest = 0 if any_port else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         return None
     return host.strip("[]"), int(port)
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """Split "HOST:PORT" into its parts."""
-    parsed = _split_listen(listen)
+def split_listen(listen: str, *, any_port: bool = False) -> tuple[str, int]:
+    """Split "HOST:PORT" into its parts (with any_port, port 0 asks for a free port)."""
+    parsed = _split_listen(listen, any_port=any_port)
     if parsed is None:
         raise ValueError(f'expected "HOST:PORT", got "{listen}"')
     return parsed
