@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from edgeforward.buffer import Buffer
 from edgeforward.cloudsim import CloudSim, SimDevice
 from edgeforward.points import PinType
 
@@ -198,6 +199,20 @@ def daemon_factory() -> Iterator[Callable[[Path], DaemonProcess]]:
     yield make
     for process in started:
         process.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def open_buffer(path: Path, **kwargs: Any) -> AsyncIterator[Buffer]:
+    """A real buffer file with its writer running; committed and closed on exit."""
+    buffer = Buffer(path, **kwargs)
+    await buffer.open()
+    writer = asyncio.create_task(buffer.run_writer())
+    try:
+        yield buffer
+    finally:
+        buffer.stop_writer()
+        await writer
+        await buffer.close()
 
 
 async def wait_for(condition: Callable[[], bool], within_s: float = 10.0, interval: float = 0.05) -> None:

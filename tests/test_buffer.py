@@ -13,18 +13,15 @@ import pytest
 from edgeforward.buffer import _SCHEMA, META_INGEST_FAILED, SCHEMA_VERSION, Buffer, BufferFullError, Committed
 from edgeforward.points import Point
 
+from .conftest import open_buffer
+
 BASE_TS = 1_764_000_000_000
 
 
 @pytest.fixture
 async def buffer(tmp_path: Path) -> AsyncIterator[Buffer]:
-    buf = Buffer(tmp_path / "buffer.db", max_points=1000)
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    yield buf
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(tmp_path / "buffer.db", max_points=1000) as buf:
+        yield buf
 
 
 def points(device: str, pin: int, count: int, start: int = 0) -> list[Point]:
@@ -97,33 +94,23 @@ async def test_expire_and_reject(buffer: Buffer) -> None:
 
 
 async def test_cap_drop_oldest(tmp_path: Path) -> None:
-    buf = Buffer(tmp_path / "b.db", max_points=10, full_policy="drop_oldest")
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    await buf.submit(points("pump", 1, 8))
-    await buf.submit(points("pump", 1, 5, start=100))
-    counts = await buf.ledger("pump")
-    assert counts["queued"] == 10 and counts["dropped"] == 3 and ledger_adds_up(counts)
-    oldest = await buf.oldest("pump", 1, 1)
-    assert oldest[0].ts_ms == BASE_TS + 3
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(tmp_path / "b.db", max_points=10, full_policy="drop_oldest") as buf:
+        await buf.submit(points("pump", 1, 8))
+        await buf.submit(points("pump", 1, 5, start=100))
+        counts = await buf.ledger("pump")
+        assert counts["queued"] == 10 and counts["dropped"] == 3 and ledger_adds_up(counts)
+        oldest = await buf.oldest("pump", 1, 1)
+        assert oldest[0].ts_ms == BASE_TS + 3
 
 
 async def test_cap_drop_newest(tmp_path: Path) -> None:
-    buf = Buffer(tmp_path / "b.db", max_points=10, full_policy="drop_newest")
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    await buf.submit(points("pump", 1, 8))
-    await buf.submit(points("pump", 1, 5, start=100))
-    counts = await buf.ledger("pump")
-    assert counts["queued"] == 10 and counts["dropped"] == 3 and ledger_adds_up(counts)
-    newest = await buf.newest("pump", 1)
-    assert newest is not None and newest.ts_ms == BASE_TS + 101
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(tmp_path / "b.db", max_points=10, full_policy="drop_newest") as buf:
+        await buf.submit(points("pump", 1, 8))
+        await buf.submit(points("pump", 1, 5, start=100))
+        counts = await buf.ledger("pump")
+        assert counts["queued"] == 10 and counts["dropped"] == 3 and ledger_adds_up(counts)
+        newest = await buf.newest("pump", 1)
+        assert newest is not None and newest.ts_ms == BASE_TS + 101
 
 
 async def test_budget_spend_and_rollover(buffer: Buffer) -> None:
@@ -137,15 +124,10 @@ async def test_budget_spend_and_rollover(buffer: Buffer) -> None:
 
 async def test_state_server_and_ports_persist(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
-    buf = Buffer(path)
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    await buf.set_device_state("pump", "parked", "Invalid token.")
-    await buf.remember_server("secret-token", "https://fra1.blynk.cloud")
-    await buf.save_ports([("/dev/ttyACM0", "open", 5, 1, 0, 2, "{}")])
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(path) as buf:
+        await buf.set_device_state("pump", "parked", "Invalid token.")
+        await buf.remember_server("secret-token", "https://fra1.blynk.cloud")
+        await buf.save_ports([("/dev/ttyACM0", "open", 5, 1, 0, 2, "{}")])
     again = Buffer(path)
     await again.open()
     assert await again.remembered_server("secret-token") == "https://fra1.blynk.cloud"
@@ -161,13 +143,8 @@ async def test_state_server_and_ports_persist(tmp_path: Path) -> None:
 
 async def test_pending_points_committed_on_close(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
-    buf = Buffer(path, commit_interval_ms=1000)
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    future = buf.submit(points("pump", 1, 3))
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(path, commit_interval_ms=1000) as buf:
+        future = buf.submit(points("pump", 1, 3))
     assert future.done() and future.exception() is None
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM points").fetchone()[0] == 3
@@ -216,42 +193,32 @@ async def test_disk_full_never_crashes_and_ingest_resumes(buffer: Buffer) -> Non
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
 async def test_byte_cap_really_caps(tmp_path: Path, policy: str) -> None:
     cap = 256 * 1024
-    buf = Buffer(tmp_path / "b.db", max_bytes=cap, full_policy=policy)
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    for batch in range(30):
-        await buf.submit([Point("pump", 1, BASE_TS + batch * 1000 + i, float(i)) for i in range(1000)])
-    counts = await buf.ledger("pump")
-    assert counts["received"] == 30_000 and counts["dropped"] > 0 and counts["queued"] > 0
-    assert ledger_adds_up(counts)
-    assert await file_pages(buf) * 4096 <= cap
-    oldest = (await buf.oldest("pump", 1, 1))[0].ts_ms
-    newest = await buf.newest("pump", 1)
-    assert newest is not None
-    if policy == "drop_oldest":
-        assert newest.ts_ms == BASE_TS + 29 * 1000 + 999 and oldest > BASE_TS
-    else:
-        assert oldest == BASE_TS and newest.ts_ms < BASE_TS + 29 * 1000
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(tmp_path / "b.db", max_bytes=cap, full_policy=policy) as buf:
+        for batch in range(30):
+            await buf.submit([Point("pump", 1, BASE_TS + batch * 1000 + i, float(i)) for i in range(1000)])
+        counts = await buf.ledger("pump")
+        assert counts["received"] == 30_000 and counts["dropped"] > 0 and counts["queued"] > 0
+        assert ledger_adds_up(counts)
+        assert await file_pages(buf) * 4096 <= cap
+        oldest = (await buf.oldest("pump", 1, 1))[0].ts_ms
+        newest = await buf.newest("pump", 1)
+        assert newest is not None
+        if policy == "drop_oldest":
+            assert newest.ts_ms == BASE_TS + 29 * 1000 + 999 and oldest > BASE_TS
+        else:
+            assert oldest == BASE_TS and newest.ts_ms < BASE_TS + 29 * 1000
     assert (tmp_path / "b.db").stat().st_size <= cap
 
 
 async def test_file_shrinks_after_a_backlog_drains(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
-    buf = Buffer(path)
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    for batch in range(10):
-        await buf.submit([Point("pump", 1, BASE_TS + batch * 10_000 + i, float(i)) for i in range(10_000)])
-    full = await file_pages(buf)
-    while batch_ := await buf.oldest("pump", 1, 5000):
-        await buf.deliver("pump", [p.id for p in batch_], "history")
-    await buf.submit(points("pump", 1, 1))
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(path) as buf:
+        for batch in range(10):
+            await buf.submit([Point("pump", 1, BASE_TS + batch * 10_000 + i, float(i)) for i in range(10_000)])
+        full = await file_pages(buf)
+        while batch_ := await buf.oldest("pump", 1, 5000):
+            await buf.deliver("pump", [p.id for p in batch_], "history")
+        await buf.submit(points("pump", 1, 1))
     assert path.stat().st_size < full * 4096 // 4
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2

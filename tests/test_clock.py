@@ -38,7 +38,7 @@ from edgeforward.forwarder import Forwarder
 from edgeforward.lines import ParseContext, Rejected, parse_line
 from edgeforward.points import PinType, Point
 
-from .conftest import TOKEN, DaemonProcess, Pty, wait_for, write_config
+from .conftest import TOKEN, DaemonProcess, Pty, open_buffer, wait_for, write_config
 
 BOOT = "11111111-2222-3333-4444-555555555555"
 OLD_BOOT = "99999999-8888-7777-6666-555555555555"
@@ -171,19 +171,6 @@ def test_jump_detection_and_sticky_trust() -> None:
 
 
 # the buffer: held readings, rebase, earlier boots ----------------------------------------------
-
-
-@asynccontextmanager
-async def open_buffer(path: Path, **kwargs: Any) -> AsyncIterator[Buffer]:
-    buffer = Buffer(path, **kwargs)
-    await buffer.open()
-    writer = asyncio.create_task(buffer.run_writer())
-    try:
-        yield buffer
-    finally:
-        buffer.stop_writer()
-        await writer
-        await buffer.close()
 
 
 def adds_up(counts: dict[str, int]) -> bool:

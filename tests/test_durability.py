@@ -20,7 +20,7 @@ from edgeforward.buffer import META_RECOVERY, Buffer
 from edgeforward.cloudsim import CloudSim
 from edgeforward.points import Point
 
-from .conftest import TOKEN, DaemonProcess, Pty, ledger_adds_up, wait_for, write_config
+from .conftest import TOKEN, DaemonProcess, Pty, ledger_adds_up, open_buffer, wait_for, write_config
 from .crash_harness import run_crash_harness
 from .test_buffer import ledger_adds_up as buffer_ledger_adds_up
 
@@ -44,18 +44,13 @@ PAGE = 4096
 
 async def populate(path: Path) -> None:
     """A buffer with two devices, a backlog, deliveries, a rejected point, budgets and a redirect."""
-    buf = Buffer(path)
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    await buf.submit([Point("pump", 1, BASE_TS + i, float(i)) for i in range(3000)])
-    await buf.submit([Point("fan", 2, BASE_TS + i, i) for i in range(300)])
-    await buf.deliver("pump", [p.id for p in await buf.oldest("pump", 1, 100)], "history")
-    await buf.reject("fan", await buf.oldest("fan", 2, 2), "Value doesn't match the Datastream data type")
-    await buf.spend("pump", BASE_TS / 1000, points=100)
-    await buf.remember_server("secret", "https://fra1.blynk.cloud")
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(path) as buf:
+        await buf.submit([Point("pump", 1, BASE_TS + i, float(i)) for i in range(3000)])
+        await buf.submit([Point("fan", 2, BASE_TS + i, i) for i in range(300)])
+        await buf.deliver("pump", [p.id for p in await buf.oldest("pump", 1, 100)], "history")
+        await buf.reject("fan", await buf.oldest("fan", 2, 2), "Value doesn't match the Datastream data type")
+        await buf.spend("pump", BASE_TS / 1000, points=100)
+        await buf.remember_server("secret", "https://fra1.blynk.cloud")
 
 
 def crash_image(path: Path, target: Path, extra: int) -> None:

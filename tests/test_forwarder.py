@@ -19,7 +19,7 @@ from edgeforward.config import Config, parse_config
 from edgeforward.forwarder import DeviceState, Forwarder, build_history_batch, next_utc_day_s, next_utc_month_s
 from edgeforward.points import PinType, Point
 
-from .conftest import TOKEN, wait_for
+from .conftest import TOKEN, open_buffer, wait_for
 
 PINS = {"v1": "double", "v2": "integer", "v3": "string", "v4": "location"}
 SIM_PINS = {1: PinType.DOUBLE, 2: PinType.INTEGER, 3: PinType.STRING, 4: PinType.LOCATION}
@@ -72,12 +72,9 @@ class Rig:
 
 @asynccontextmanager
 async def rig(config: Config, backlog: Sequence[Point] = ()) -> AsyncIterator[Rig]:
-    buffer = Buffer(Path(config.buffer.path))
-    await buffer.open()
-    writer = asyncio.create_task(buffer.run_writer())
-    if backlog:
-        await buffer.submit(list(backlog))
-    async with aiohttp.ClientSession() as session:
+    async with open_buffer(Path(config.buffer.path)) as buffer, aiohttp.ClientSession() as session:
+        if backlog:
+            await buffer.submit(list(backlog))
         forwarder = Forwarder(config.devices[0], buffer, session, config.cloud, config.forward)
 
         def notify(committed: Sequence[Committed]) -> None:
@@ -91,9 +88,6 @@ async def rig(config: Config, backlog: Sequence[Point] = ()) -> AsyncIterator[Ri
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            buffer.stop_writer()
-            await writer
-            await buffer.close()
 
 
 def adds_up(counts: dict[str, int]) -> bool:

@@ -28,7 +28,7 @@ from edgeforward.forwarder import Forwarder
 from edgeforward.notify import Notifier, ProgressMonitor, watchdog_interval_s
 from edgeforward.points import Point
 
-from .conftest import TOKEN, Pty, wait_for, write_config
+from .conftest import TOKEN, Pty, open_buffer, wait_for, write_config
 
 PUMP = {"name": "pump", "token": TOKEN, "pins": {"v1": "double", "v2": "integer"}}
 WATCHDOG_USEC = 600_000  # pings every 0.3 s
@@ -176,13 +176,8 @@ async def test_watchdog_withheld_while_the_writer_is_stuck_and_resumed_after(
 
 @pytest.fixture
 async def buffer(tmp_path: Path) -> AsyncIterator[Buffer]:
-    buf = Buffer(tmp_path / "buffer.db", commit_interval_ms=0)
-    await buf.open()
-    writer = asyncio.create_task(buf.run_writer())
-    yield buf
-    buf.stop_writer()
-    await writer
-    await buf.close()
+    async with open_buffer(tmp_path / "buffer.db", commit_interval_ms=0) as buf:
+        yield buf
 
 
 async def test_forwarder_with_points_due_and_no_attempts_is_a_stall(
