@@ -309,9 +309,7 @@ class Buffer:
         await self._configure(self._read)
         async with self._write.execute("SELECT id, name FROM devices") as cursor:
             self._device_ids = {name: device_id async for device_id, name in cursor}
-        async with self._write.execute("SELECT COALESCE(SUM(queued), 0) FROM ledger") as cursor:
-            row = await cursor.fetchone()
-        self._queued_total = int(row[0]) if row else 0
+        self._queued_total = await self._read_queued_total()
         async with self._write.execute("SELECT value FROM meta WHERE key = ?", (META_INGEST_FAILED,)) as cursor:
             row = await cursor.fetchone()
         if row:
@@ -609,11 +607,14 @@ class Buffer:
         self._urgent = []
         self._fail(pending, exc)
 
+    async def _read_queued_total(self) -> int:
+        async with self._connection().execute("SELECT COALESCE(SUM(queued), 0) FROM ledger") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def _reload_queued_total(self) -> None:
         with contextlib.suppress(aiosqlite.Error):
-            async with self._connection().execute("SELECT COALESCE(SUM(queued), 0) FROM ledger") as cursor:
-                row = await cursor.fetchone()
-            self._queued_total = int(row[0]) if row else 0
+            self._queued_total = await self._read_queued_total()
 
     async def _fit(self, conn: aiosqlite.Connection, points: Sequence[Point]) -> tuple[int, int]:
         """Apply the point cap to new points: return the slice [start, stop) of them that is kept."""
