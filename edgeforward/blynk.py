@@ -6,7 +6,6 @@ import asyncio
 import collections
 import contextlib
 import enum
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import quote, urlsplit
 
@@ -15,6 +14,7 @@ import msgspec
 from yarl import URL
 
 from .points import Value, encode_query_value, pin_name, query_values
+from .timebase import SYSTEM_CLOCK, Clock
 
 API_PATH = "/external/api/"
 MAX_REDIRECTS = 3
@@ -84,7 +84,7 @@ def classify(status: int, message: str) -> Refusal:
 class RateLimiter:
     """At most `rate` request starts in any sliding window of one second."""
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: float, clock: Clock = SYSTEM_CLOCK) -> None:
         self._size = max(1, int(rate))
         self._window = RATE_WINDOW_S * self._size / rate + RATE_MARGIN_S
         self._starts: collections.deque[float] = collections.deque()
@@ -95,13 +95,14 @@ class RateLimiter:
         """Wait until one more request fits in the window."""
         async with self._lock:
             while True:
-                now = self._clock()
-                while self._starts and now - self._starts[0] >= self._window:
+                now = self._clock.monotonic()
+                # The same expression as the deadline below: a float rounding cannot make it spin.
+                while self._starts and self._starts[0] + self._window <= now:
                     self._starts.popleft()
                 if len(self._starts) < self._size:
                     self._starts.append(now)
                     return
-                await asyncio.sleep(self._window - (now - self._starts[0]))
+                await self._clock.sleep_until(self._starts[0] + self._window)
 
 
 RedirectHandler = Callable[[str], Awaitable[None]]

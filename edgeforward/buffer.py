@@ -20,6 +20,7 @@ import msgspec
 import structlog
 
 from .points import Point, value_json
+from .timebase import utc_day, utc_month
 
 log = structlog.get_logger(__name__)
 
@@ -237,16 +238,6 @@ class _Pending:
     held: list[tuple[str, Point]] = field(default_factory=list)
     ops: list[tuple[WriteOp, asyncio.Future[Any]]] = field(default_factory=list)
     point_waiters: list[tuple[asyncio.Future[None], int]] = field(default_factory=list)
-
-
-def utc_day(now_s: float) -> str:
-    """Return the UTC day of a Unix time as YYYY-MM-DD."""
-    return time.strftime("%Y-%m-%d", time.gmtime(now_s))
-
-
-def utc_month(now_s: float) -> str:
-    """Return the UTC month of a Unix time as YYYY-MM."""
-    return time.strftime("%Y-%m", time.gmtime(now_s))
 
 
 def token_hash(token: str) -> str:
@@ -932,6 +923,13 @@ class Buffer:
             )
 
         await self.run_op(op)
+
+    async def saved_ports(self) -> dict[str, tuple[int, int, int, int, str]]:
+        """Return each port's last stored counters (lines ok, bad, ignored, reconnects, detail JSON)."""
+        rows = await self._reader().execute_fetchall(
+            "SELECT path, lines_ok, lines_bad, lines_ignored, reconnects, detail FROM ports"
+        )
+        return {str(row[0]): (int(row[1]), int(row[2]), int(row[3]), int(row[4]), str(row[5] or "")) for row in rows}
 
     async def set_meta(self, items: dict[str, str]) -> None:
         """Store small key/value facts (daemon pid, heartbeat)."""

@@ -157,18 +157,17 @@ def _status(args: argparse.Namespace) -> int:
     from .status import read_status, render_status, status_view
 
     config = _load(args)
-    limits = config.cloud.limits
     if args.json:
         print(json.dumps(read_status(config), indent=2))
         return EXIT_OK
     console = Console()
     if not args.watch:
-        render_status(read_status(config), console, limits)
+        render_status(read_status(config), console)
         return EXIT_OK
-    with Live(status_view(read_status(config), limits), console=console, auto_refresh=False) as live:
+    with Live(status_view(read_status(config)), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(WATCH_INTERVAL_S)
-            live.update(status_view(read_status(config), limits), refresh=True)
+            live.update(status_view(read_status(config)), refresh=True)
 
 
 def _deadletter(args: argparse.Namespace) -> int:

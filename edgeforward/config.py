@@ -181,15 +181,21 @@ class Config:
                 return device
         return None
 
-    def limits_of(self, name: str) -> Limits:
-        """Return the plan limits of a device: its own [device.limits] over [cloud.limits]."""
-        device = self.device(name)
-        return device.limits if device is not None and device.limits is not None else self.cloud.limits
+    def limits_of(self, name: str | None) -> Limits:
+        """Return the plan limits of a device: its own [device.limits] over [cloud.limits] (None: the cloud's)."""
+        return resolve_limits(self.cloud, None if name is None else self.device(name))
 
     @property
     def tokens(self) -> tuple[str, ...]:
         """Every device token (for log redaction)."""
         return tuple(device.token for device in self.devices)
+
+
+def resolve_limits(cloud: CloudConfig, device: Device | None) -> Limits:
+    """The one resolver of a device's plan: its own [device.limits] (merged over [cloud.limits]), else the cloud's."""
+    if device is not None and device.limits is not None:
+        return device.limits
+    return cloud.limits
 
 
 _TOP_LEVEL = {

@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -21,7 +22,7 @@ from . import __version__
 from .buffer import Buffer, Committed
 from .clock import UNKNOWN_FUTURE_MS, ClockWatcher
 from .config import Config, PortConfig
-from .forwarder import Forwarder
+from .forward import Forwarder, Peers
 from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected, parse_line
 from .logs import Throttle
 from .metrics import DaemonView, MetricsServer
@@ -72,13 +73,14 @@ class PortPipeline:
         self._context = ParseContext(
             devices={device.name: {pin: spec.type for pin, spec in device.pins.items()} for device in config.devices},
             default_device=port.device,
-            max_future_ms=int(config.cloud.limits.max_future_days * 86_400_000),
+            max_future_ms=int(config.limits_of(port.device).max_future_days * 86_400_000),
         )
         self._context_untrusted = dataclasses.replace(self._context, max_future_ms=UNKNOWN_FUTURE_MS)
         self._clock = McuClock()
         self._csv = CsvParser(port.columns, port.header) if port.format == "csv" else None
         self._throttle = Throttle(BAD_LINES_LOGGED_PER_MINUTE)
         self._log = log.bind(port=port.path)
+        self._before = _PortTotals()
 
     def on_line(self, raw: bytes, received_ms: int, first: bool) -> None:
         """Handle one framed line from the serial source."""
@@ -139,21 +141,70 @@ class PortPipeline:
         if not future.cancelled() and future.exception() is None:
             self.source.write(b"ACK %d\n" % seq)
 
+    def restore(self, saved: tuple[int, int, int, int, str] | None) -> None:
+        """Start `status`'s counters from what earlier runs counted (they are lifetime; metrics stay per process)."""
+        if saved is None:
+            return
+        ok, bad, ignored, reconnects, detail = saved
+        extra = _json_object(detail)
+        self._before = _PortTotals(
+            ok,
+            bad,
+            ignored,
+            reconnects,
+            _counts(extra.get("bad_reasons")),
+            _counts(extra.get("ignored_reasons")),
+        )
+
     def snapshot(self) -> tuple[str, str, int, int, int, int, str]:
-        """Return the row `status` reads for this port."""
-        stats = self.stats
+        """Return the row `status` reads for this port: lifetime counters."""
+        stats, before = self.stats, self._before
         detail = json.dumps(
-            {"bad_reasons": stats.bad_reasons, "ignored_reasons": stats.ignored_reasons, "last_error": stats.last_error}
+            {
+                "bad_reasons": _added(before.bad_reasons, stats.bad_reasons),
+                "ignored_reasons": _added(before.ignored_reasons, stats.ignored_reasons),
+                "last_error": stats.last_error,
+            }
         )
         return (
             stats.path,
             str(stats.state),
-            stats.lines_ok,
-            stats.lines_bad,
-            stats.lines_ignored,
-            stats.reconnects,
+            before.lines_ok + stats.lines_ok,
+            before.lines_bad + stats.lines_bad,
+            before.lines_ignored + stats.lines_ignored,
+            before.reconnects + stats.reconnects,
             detail,
         )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PortTotals:
+    """A port's counters from earlier runs of the daemon."""
+
+    lines_ok: int = 0
+    lines_bad: int = 0
+    lines_ignored: int = 0
+    reconnects: int = 0
+    bad_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    ignored_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _counts(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, int)}
+
+
+def _added(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    return {key: before.get(key, 0) + now.get(key, 0) for key in sorted(before.keys() | now.keys())}
 
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -203,6 +254,9 @@ class Daemon:
         """Run until `stop` is set, then stop in order: readers, forwarders, writer."""
         await self.buffer.open()
         try:
+            saved = await self.buffer.saved_ports()
+            for pipeline in self.pipelines:
+                pipeline.restore(saved.get(pipeline.port.path))
             await self.clock.load(self.buffer)
             connector = aiohttp.TCPConnector(
                 ssl=ssl_context(self.config.cloud.ca_file), limit=HTTP_CONNECTIONS, ttl_dns_cache=300
@@ -212,9 +266,16 @@ class Daemon:
                 # aiohttp silently resends a GET once after a reset: a live value the cloud may already have
                 # taken would arrive twice. Retries are the forwarder's decision, never the library's.
                 session._retry_connection = False
+                peers = Peers()
                 for device in self.config.devices:
                     self.forwarders[device.name] = Forwarder(
-                        device, self.buffer, session, self.config.cloud, self.config.forward
+                        device,
+                        self.buffer,
+                        session,
+                        self.config.cloud,
+                        self.config.forward,
+                        limits=self.config.limits_of(device.name),
+                        peers=peers,
                     )
                 self.buffer.add_listener(self._on_commit)
                 await self._start_metrics()
@@ -287,6 +348,8 @@ class Daemon:
     def _reset_clocks(self) -> None:
         for pipeline in self.pipelines:
             pipeline.reset_clock()
+        for forwarder in self.forwarders.values():
+            forwarder.clock_stepped()
 
     async def _snapshot_loop(self) -> None:
         last: list[tuple[str, str, int, int, int, int, str]] = []

@@ -167,14 +167,15 @@ class FileReader:
             if number not in device.pins:
                 raise BackfillError(f"--map {column}={pin}: {pin} is not declared for device {device.name!r}")
         self._options = options
+        limits = config.limits_of(device.name)
         self._parse_time = time_parser(options.time_format, _zone(options.timezone))
         self._context = ParseContext(
             devices={d.name: {pin: spec.type for pin, spec in d.pins.items()} for d in config.devices},
             default_device=device.name,
-            max_future_ms=round(config.cloud.limits.max_future_days * MS_PER_DAY),
+            max_future_ms=round(limits.max_future_days * MS_PER_DAY),
         )
         self._now_ms = now_ms
-        self._oldest_ms = now_ms - round(config.cloud.limits.max_age_days * MS_PER_DAY)
+        self._oldest_ms = now_ms - round(limits.max_age_days * MS_PER_DAY)
 
     def rows(self, text: Iterable[str], result: FileResult, progress: OnLine) -> Iterator[_Row]:
         """Yield the good rows of a file; record the bad ones in `result`."""

@@ -105,7 +105,7 @@ class ParseContext:
     def for_port(cls, config: Config, port: PortConfig) -> ParseContext:
         """Build the context of one configured port."""
         devices = {device.name: {pin: spec.type for pin, spec in device.pins.items()} for device in config.devices}
-        return cls(devices, port.device, round(config.cloud.limits.max_future_days * MS_PER_DAY))
+        return cls(devices, port.device, round(config.limits_of(port.device).max_future_days * MS_PER_DAY))
 
 
 ParseResult = Reading | Rejected | Ignored

@@ -14,31 +14,30 @@ from prometheus_client.registry import CollectorRegistry
 
 from .buffer import Buffer
 from .config import Config, split_listen
-from .forwarder import DeviceState, Forwarder
+from .forward import DeviceSnapshot, DeviceState, Forwarder, WaitReason
 from .serial_source import PortState, PortStats
 
 log = structlog.get_logger(__name__)
 
 PREFIX = "edgeforward"
 DEVICE_STATES = tuple(state.value for state in DeviceState)
+WAIT_REASONS = tuple(reason.value for reason in WaitReason)
 LINE_RESULTS = ("ok", "bad", "ignored")
-QUOTA_REASON_PREFIX = "quota"
 STOP_GRACE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceSnapshot:
-    """One device as read at scrape time."""
+class DeviceReading:
+    """One device as read at scrape time: its ledger and budget from the buffer, its forwarder's snapshot."""
 
     name: str
     ledger: Mapping[str, int]
     points_today: int
     messages_this_month: int
+    points_left: int | None  # today's timestamped points left (None: unlimited), as the budget guard says
+    messages_left: int | None  # this month's messages left (None: unlimited)
     oldest_ts_ms: int | None
-    state: str
-    reason: str | None
-    outcomes: Mapping[str, int]
-    last_success_s: float | None
+    forward: DeviceSnapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +47,7 @@ class Snapshot:
     now_s: float
     started_s: float
     commits: int
-    devices: Sequence[DeviceSnapshot]
+    devices: Sequence[DeviceReading]
     ports: Sequence[PortStats]
 
 
@@ -84,23 +83,22 @@ class DaemonView:
         for name, forwarder in self.forwarders.items():
             budget = await self.buffer.budget(name, now)
             devices.append(
-                DeviceSnapshot(
+                DeviceReading(
                     name=name,
                     ledger=await self.buffer.ledger(name),
                     points_today=budget.points_day,
                     messages_this_month=budget.messages_month,
+                    points_left=forwarder.guard.points_room(now),
+                    messages_left=forwarder.guard.messages_left(now),
                     oldest_ts_ms=await self.buffer.oldest_ts(name),
-                    state=str(forwarder.state),
-                    reason=forwarder.reason,
-                    outcomes=dict(forwarder.outcomes),
-                    last_success_s=forwarder.last_success_s,
+                    forward=forwarder.snapshot(),
                 )
             )
         return Snapshot(now, self.started_s, self.buffer.commits, devices, list(self.ports))
 
 
 def health(snapshot: Snapshot, config: Config) -> Health:
-    """Healthy while points are forwarded or nothing is due; not when the cloud stalls or a port is absent."""
+    """Healthy while points are forwarded or wait by design; not when the cloud stalls or a port is absent."""
     reasons: list[str] = []
     for port in snapshot.ports:
         if port.state is not PortState.OPEN:
@@ -108,33 +106,24 @@ def health(snapshot: Snapshot, config: Config) -> Health:
             reasons.append(f"port {port.path} is absent{detail}")
     stale_after = config.metrics.stale_after_s
     for device in snapshot.devices:
-        limits = config.limits_of(device.name)
         queued = device.ledger["queued"]
-        if queued == 0 or _budget_spent(device, limits.points_per_day, limits.messages_per_month):
-            continue
-        if (device.reason or "").startswith(QUOTA_REASON_PREFIX):
-            continue
+        forward = device.forward
+        if queued == 0 or forward.by_design:
+            continue  # the plan or the cloud's quota answer says wait: that is not the cloud stalling
         # Points wait since the later of: the last success, the daemon's start, the oldest point's stamp.
         waiting_since = max(
-            device.last_success_s or 0.0,
+            forward.last_success_wall or 0.0,
             snapshot.started_s,
             (device.oldest_ts_ms or 0) / 1000,
         )
         waited = snapshot.now_s - waiting_since
         if waited > stale_after:
-            why = f" ({device.state}: {device.reason})" if device.reason else f" ({device.state})"
+            why = f" ({forward.state}: {forward.reason})" if forward.reason else f" ({forward.state})"
             reasons.append(
                 f"device {device.name}: the cloud accepted nothing for {waited:.0f} s "
                 f"while {queued} points are queued{why}"
             )
     return Health(not reasons, tuple(reasons))
-
-
-def _budget_spent(device: DeviceSnapshot, points_per_day: int, messages_per_month: int) -> bool:
-    return bool(
-        (points_per_day and device.points_today >= points_per_day)
-        or (messages_per_month and device.messages_this_month >= messages_per_month)
-    )
 
 
 class SnapshotCollector:
@@ -183,6 +172,9 @@ class SnapshotCollector:
         state = GaugeMetricFamily(
             f"{PREFIX}_device_state", "1 for the device's current state", labels=["device", "state"]
         )
+        waiting = GaugeMetricFamily(
+            f"{PREFIX}_device_waiting", "1 for why the device's points wait now", labels=["device", "reason"]
+        )
         last_success = GaugeMetricFamily(
             f"{PREFIX}_last_success_timestamp_seconds", "When the cloud last accepted a request", labels=["device"]
         )
@@ -193,23 +185,24 @@ class SnapshotCollector:
             delivered.add_metric([device.name, "live"], device.ledger["delivered_live"])
             delivered.add_metric([device.name, "history"], device.ledger["delivered_history"])
             queued.add_metric(name, device.ledger["queued"])
-            for outcome, count in sorted(device.outcomes.items()):
+            for outcome, count in sorted(device.forward.outcomes.items()):
                 requests.add_metric([device.name, outcome], count)
             today.add_metric(name, device.points_today)
             month.add_metric(name, device.messages_this_month)
-            limits = self._config.limits_of(device.name)
-            if limits.points_per_day:
-                points_left.add_metric(name, max(0, limits.points_per_day - device.points_today))
-            if limits.messages_per_month:
-                messages_left.add_metric(name, max(0, limits.messages_per_month - device.messages_this_month))
+            if device.points_left is not None:
+                points_left.add_metric(name, device.points_left)
+            if device.messages_left is not None:
+                messages_left.add_metric(name, device.messages_left)
             age = 0.0 if device.oldest_ts_ms is None else max(0.0, self._snapshot.now_s - device.oldest_ts_ms / 1000)
             oldest.add_metric(name, age)
             for value in DEVICE_STATES:
-                state.add_metric([device.name, value], 1.0 if device.state == value else 0.0)
-            if device.last_success_s is not None:
-                last_success.add_metric(name, device.last_success_s)
+                state.add_metric([device.name, value], 1.0 if device.forward.state == value else 0.0)
+            for reason in WAIT_REASONS:
+                waiting.add_metric([device.name, reason], 1.0 if device.forward.waiting == reason else 0.0)
+            if device.forward.last_success_wall is not None:
+                last_success.add_metric(name, device.forward.last_success_wall)
         yield from counters.values()
-        yield from (delivered, queued, requests, today, month, points_left, messages_left, oldest, state)
+        yield from (delivered, queued, requests, today, month, points_left, messages_left, oldest, state, waiting)
         yield last_success
 
     def _ports(self) -> Iterable[Metric]:

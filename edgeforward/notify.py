@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 
 import aiosqlite
 import structlog
 
 from .buffer import Buffer
 from .config import Config
-from .forwarder import PIN_PARK_RECHECK_S, DeviceState, Forwarder
+from .forward import DeviceSnapshot, Forwarder, WaitReason
+from .timebase import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger(__name__)
 
@@ -23,8 +22,7 @@ WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
 WATCHDOG_PID_ENV = "WATCHDOG_PID"
 STATUS_INTERVAL_S = 10.0  # how often STATUS= is refreshed when no watchdog asks for more
 MIN_TICK_S = 0.05
-STALL_MARGIN_S = 30.0  # slack on top of the longest sleep a forwarder takes by design
-QUOTA_OUTCOME = "refused_quota"
+STALL_MARGIN_S = 30.0  # slack for scheduling and the buffer on top of the request timeouts
 
 
 class Notifier:
@@ -105,14 +103,13 @@ def watchdog_interval_s(environ: Mapping[str, str] | None = None) -> float | Non
     return int(usec) / 2 / 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class _Mark:
-    attempt_s: float | None
-    attempts: int
-
-
 class ProgressMonitor:
-    """Decides whether the writer and every forwarder made progress since the previous check."""
+    """Decides whether the writer and every forwarder made progress since the previous check.
+
+    A forwarder publishes when it will look again; it is stalled when it is late for its own deadline
+    (or one working step outlasts two request timeouts). Waiting for a budget, a quota or a backoff is
+    a deadline like any other, so a device that waits by design is never taken for a stalled one.
+    """
 
     def __init__(
         self,
@@ -120,30 +117,29 @@ class ProgressMonitor:
         forwarders: Mapping[str, Forwarder],
         config: Config,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._buffer = buffer
         self._forwarders = forwarders
         self._config = config
         self._clock = clock
         self._commits = buffer.commits
-        started = clock()
-        self._marks: dict[str, _Mark] = {}
-        self._progress_s: dict[str, float] = dict.fromkeys(forwarders, started)
-        self._last_outcome: dict[str, str | None] = dict.fromkeys(forwarders)
-        self._outcomes: dict[str, dict[str, int]] = {name: {} for name in forwarders}
 
     async def stalls(self, probe_timeout_s: float) -> list[str]:
         """Return why the daemon is not progressing (empty when it is)."""
-        problems: list[str] = []
         writer = await self._writer_stall(probe_timeout_s)
         if writer is not None:
             # Forwarders read through the writer (budgets, deliveries): judge them once it moves again.
             return [writer]
+        now = self._clock.monotonic()
+        allowance = self.allowance_s()
+        problems = []
         for name, forwarder in self._forwarders.items():
-            problem = await self._forwarder_stall(name, forwarder)
-            if problem is not None:
-                problems.append(problem)
+            snapshot = forwarder.snapshot()
+            late = snapshot.overdue_s(now)
+            if late > allowance:
+                waiting = f", waiting: {snapshot.waiting}" if snapshot.waiting is not None else ""
+                problems.append(f"forwarder {name} is {late:.0f} s late ({snapshot.activity}{waiting})")
         return problems
 
     async def _writer_stall(self, probe_timeout_s: float) -> str | None:
@@ -160,53 +156,9 @@ class ProgressMonitor:
         self._commits = self._buffer.commits
         return None
 
-    async def _forwarder_stall(self, name: str, forwarder: Forwarder) -> str | None:
-        now = self._clock()
-        mark = _Mark(forwarder.last_attempt_s, sum(forwarder.outcomes.values()))
-        if mark != self._marks.get(name):
-            self._marks[name] = mark
-            self._progress_s[name] = now
-            self._note_outcome(name, forwarder)
-            return None
-        # Only sendable points are due: readings held for an untrusted clock or on parked pins wait by design.
-        if not set(await self._buffer.pins_queued(name)) - set(forwarder.parked_pins):
-            self._progress_s[name] = now
-            return None
-        quota = self._last_outcome.get(name) == QUOTA_OUTCOME or (forwarder.reason or "").startswith("quota")
-        if quota or await self._budget_spent(name, now):
-            self._progress_s[name] = now
-            return None
-        idle = now - self._progress_s[name]
-        allowance = self.allowance_s(forwarder)
-        if idle > allowance:
-            return f"forwarder {name} has points due and made no attempt for {idle:.0f} s"
-        return None
-
-    def _note_outcome(self, name: str, forwarder: Forwarder) -> None:
-        previous = self._outcomes[name]
-        current = dict(forwarder.outcomes)
-        changed = [key for key, count in current.items() if count != previous.get(key, 0)]
-        if changed:
-            self._last_outcome[name] = changed[-1] if len(changed) == 1 else None
-        self._outcomes[name] = current
-
-    async def _budget_spent(self, name: str, now: float) -> bool:
-        limits = self._config.cloud.limits
-        budget = await self._buffer.budget(name, now)
-        return bool(
-            (limits.points_per_day and budget.points_day >= limits.points_per_day)
-            or (limits.messages_per_month and budget.messages_month >= limits.messages_per_month)
-        )
-
-    def allowance_s(self, forwarder: Forwarder) -> float:
-        """Return the longest a forwarder with points due may go without an attempt, by design."""
-        forward = self._config.forward
-        longest = max(forward.live_interval_s, forward.history_interval_s, forward.retry_max_s)
-        if forwarder.state is DeviceState.PARKED:
-            longest = max(longest, forward.park_recheck_s)
-        if forwarder.parked_pins:
-            longest = max(longest, PIN_PARK_RECHECK_S)
-        return longest + 2 * self._config.cloud.timeout_s + STALL_MARGIN_S
+    def allowance_s(self) -> float:
+        """How late a forwarder may be: one working step may wait out two request timeouts."""
+        return 2 * self._config.cloud.timeout_s + STALL_MARGIN_S
 
 
 async def _no_op(_conn: aiosqlite.Connection) -> None:
@@ -219,8 +171,14 @@ async def status_line(buffer: Buffer, forwarders: Mapping[str, Forwarder]) -> st
     for name in forwarders:
         ledger = await buffer.ledger(name)
         delivered += ledger["delivered_live"] + ledger["delivered_history"]
-    states = ", ".join(f"{name} {forwarder.state}" for name, forwarder in forwarders.items())
+    states = ", ".join(f"{name} {_device_status(forwarder.snapshot())}" for name, forwarder in forwarders.items())
     return f"queued {buffer.queued_total}, delivered {delivered}; {states}"
+
+
+def _device_status(snapshot: DeviceSnapshot) -> str:
+    if snapshot.waiting is None or snapshot.waiting is WaitReason.PACING:
+        return str(snapshot.state)
+    return f"{snapshot.state} ({snapshot.waiting})"
 
 
 class SystemdWatchdog:

@@ -43,7 +43,6 @@ import enum
 import glob
 import io
 import os
-import random
 import re
 import threading
 import time
@@ -54,6 +53,8 @@ from typing import Any, Final, TypeVar
 import serial
 import structlog
 from serial.urlhandler.protocol_socket import Serial as SocketSerial
+
+from .backoff import Backoff
 
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 2.0
@@ -80,7 +81,6 @@ _SET_CONTROL_HINT: Final = " (if the server's device has no modem-control lines,
 _NOISE_RE: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\xc0\xc1\xf5-\xff]")
 _SEPARATORS: Final = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r", "any": b"\n"}
 
-_MAX_BACKOFF_EXPONENT: Final = 64  # keeps factor ** attempt finite
 
 log = structlog.get_logger(__name__)
 
@@ -145,33 +145,6 @@ class PortGone(SerialSourceError):
 
 class NoMatch(SerialSourceError):
     """A glob path matched no device, or more than one."""
-
-
-class Backoff:
-    """Capped exponential backoff with jitter."""
-
-    def __init__(
-        self,
-        initial: float = RECONNECT_INITIAL_S,
-        maximum: float = RECONNECT_MAX_S,
-        factor: float = RECONNECT_FACTOR,
-        jitter: float = RECONNECT_JITTER,
-    ) -> None:
-        self._initial = initial
-        self._maximum = maximum
-        self._factor = factor
-        self._jitter = jitter
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        """Return the next delay in seconds and advance."""
-        base = min(self._maximum, self._initial * self._factor**self._attempt)
-        self._attempt = min(self._attempt + 1, _MAX_BACKOFF_EXPONENT)
-        return base * random.uniform(1.0 - self._jitter, 1.0)
-
-    def reset(self) -> None:
-        """Start again from the initial delay."""
-        self._attempt = 0
 
 
 class LineFramer:
@@ -574,7 +547,7 @@ class SerialSource:
 
     async def run(self) -> None:
         """Read until cancelled; device trouble is logged and followed by a reopen, never raised."""
-        backoff = Backoff()
+        backoff = Backoff(RECONNECT_INITIAL_S, RECONNECT_MAX_S, RECONNECT_FACTOR, RECONNECT_JITTER)
         opened_before = False
         try:
             while True:

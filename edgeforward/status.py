@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sqlite3
 import time
@@ -16,12 +15,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .buffer import BUSY_TIMEOUT_MS, LEDGER_FIELDS, utc_day, utc_month
-from .config import Config, Limits
-from .forwarder import next_utc_month_s
-from .planner import clear_eta_s, live_interval_s
+from .buffer import BUSY_TIMEOUT_MS, LEDGER_FIELDS
+from .config import Config
+from .forward.planner import clear_eta_s
+from .forward.state import parse_status_meta, status_meta_key
+from .timebase import utc_day, utc_month
 
 CONTRACT_LEDGER = ("received", "delivered", "queued", "expired", "dropped", "rejected", "downsampled")
+FORWARD_FIELDS = ("waiting_reason", "next_attempt_ts", "live_interval_s", "history_interval_s", "parked_pins")
 
 
 def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]:
@@ -38,6 +39,7 @@ def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]
             _read_devices(db, devices, now_s)
             _read_ports(db, ports)
             daemon = _read_daemon(db)
+            _read_forward(db, devices, running=bool(daemon["running"]))
             recovery = _read_recovery(db, devices)
     else:
         recovery = {"buffer_recovery": None, "recoveries": 0, "clock": None, "held_unstamped": 0}
@@ -73,20 +75,27 @@ def _read_recovery(db: sqlite3.Connection, devices: dict[str, dict[str, Any]]) -
 
 
 def _forecast(config: Config, name: str, entry: dict[str, Any], now_s: float) -> dict[str, Any]:
-    """Budget limits, the live interval in effect and when the backlog clears at the current budget."""
+    """The device's limits, and when the backlog clears at the current budget."""
     limits = config.limits_of(name)
-    forward = config.forward
-    messages_left = (
-        max(0, limits.messages_per_month - entry["messages_this_month"]) if limits.messages_per_month else None
-    )
-    live = live_interval_s(forward.live_interval_s, messages_left, next_utc_month_s(now_s) - now_s, forward.live_share)
     clears = clear_eta_s(entry["queued"], limits.points_per_day, limits.points_per_day - entry["points_today"], now_s)
     return {
         "points_per_day_limit": limits.points_per_day,
         "messages_per_month_limit": limits.messages_per_month,
-        "live_interval_s": None if math.isinf(live) else round(live, 1),
         "backlog_clears_in_s": None if clears is None else round(clears),
     }
+
+
+def _read_forward(db: sqlite3.Connection, devices: dict[str, dict[str, Any]], *, running: bool) -> None:
+    """What each forwarder published: why its points wait, the next attempt, the intervals in effect."""
+    for name, entry in devices.items():
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (status_meta_key(name),)).fetchone()
+        published = parse_status_meta(row[0] if row else None)
+        for key in FORWARD_FIELDS:
+            entry[key] = published.get(key, entry[key])
+        if not running:
+            # Nothing is planned while the daemon is stopped; the intervals it last used stay shown.
+            entry["waiting_reason"] = None
+            entry["next_attempt_ts"] = None
 
 
 def _empty_device() -> dict[str, Any]:
@@ -103,6 +112,11 @@ def _empty_device() -> dict[str, Any]:
         "deadletter": 0,
         "ingest_failed": 0,
         "held_for_clock": 0,
+        "waiting_reason": None,
+        "next_attempt_ts": None,
+        "live_interval_s": None,
+        "history_interval_s": None,
+        "parked_pins": {},
     }
 
 
@@ -197,12 +211,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def render_status(document: dict[str, Any], console: Console, limits: Limits | None = None) -> None:
+def render_status(document: dict[str, Any], console: Console) -> None:
     """Print the status document as tables."""
-    console.print(status_view(document, limits))
+    console.print(status_view(document))
 
 
-def status_view(document: dict[str, Any], limits: Limits | None = None, *, now_s: float | None = None) -> Group:
+def status_view(document: dict[str, Any], *, now_s: float | None = None) -> Group:
     """Return the human view of a status document: a headline, the devices and the ports."""
     now = time.time() if now_s is None else now_s
     daemon = document["daemon"]
@@ -210,12 +224,12 @@ def status_view(document: dict[str, Any], limits: Limits | None = None, *, now_s
     headline = Text.from_markup(f"edgeforward {running}  buffer {escape(document['buffer'])}")
     return Group(
         headline,
-        _devices_table(document["devices"], limits, now),
+        _devices_table(document["devices"], now),
         _ports_table(document["ports"], running=bool(daemon["running"])),
     )
 
 
-def _devices_table(devices: dict[str, Any], limits: Limits | None, now: float) -> Table:
+def _devices_table(devices: dict[str, Any], now: float) -> Table:
     table = Table(title="devices", title_justify="left", expand=False)
     table.add_column("device")
     table.add_column("state (why)")
@@ -229,6 +243,7 @@ def _devices_table(devices: dict[str, Any], limits: Limits | None, now: float) -
         state = f"[{_STATE_STYLES.get(entry['state'], 'white')}]{entry['state']}[/]"
         if entry.get("reason"):
             state += f" ({escape(str(entry['reason']))})"
+        state += _waiting(entry, now)
         rejected = str(entry["rejected"]) + (f" ({entry['deadletter']} in dead letters)" if entry["deadletter"] else "")
         table.add_row(
             escape(name),
@@ -240,11 +255,8 @@ def _devices_table(devices: dict[str, Any], limits: Limits | None, now: float) -
             str(entry["dropped"]),
             rejected,
             _age(entry["oldest_queued_ts"], now),
-            _used(entry["points_today"], entry.get("points_per_day_limit", limits.points_per_day if limits else 0)),
-            _used(
-                entry["messages_this_month"],
-                entry.get("messages_per_month_limit", limits.messages_per_month if limits else 0),
-            ),
+            _used(entry["points_today"], entry["points_per_day_limit"]),
+            _used(entry["messages_this_month"], entry["messages_per_month_limit"]),
             _age(entry["last_success_ts"], now, suffix=" ago"),
         )
     return table
@@ -277,6 +289,21 @@ def _ports_table(ports: dict[str, Any], *, running: bool) -> Table:
 _STATE_STYLES = {"online": "green", "offline": "red", "parked": "red", "unknown": "yellow"}
 
 
+def _waiting(entry: dict[str, Any], now: float) -> str:
+    """Why queued points wait and when the next request is planned, e.g. "; pacing, next in 40 s"."""
+    reason = entry.get("waiting_reason")
+    if not reason or not entry.get("queued"):
+        return ""
+    text = f"; {reason}"
+    next_ts = entry.get("next_attempt_ts")
+    if next_ts is not None:
+        text += f", next in {_duration(max(0.0, next_ts / 1000 - now))}"
+    interval = entry.get("history_interval_s")
+    if reason == "pacing" and interval is not None:
+        text += f" (history every {_duration(interval)})"
+    return escape(text)
+
+
 def _reasons(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())) or "-"
 
@@ -290,7 +317,11 @@ def _used(used: int, limit: int) -> str:
 def _age(ts_ms: int | None, now: float, suffix: str = "") -> str:
     if ts_ms is None:
         return "-"
-    seconds = max(0, int(now - ts_ms / 1000))
+    return _duration(max(0.0, now - ts_ms / 1000)) + suffix
+
+
+def _duration(seconds_f: float) -> str:
+    seconds = int(seconds_f)
     if seconds < 120:
         text = f"{seconds} s"
     elif seconds < 7200:
@@ -299,4 +330,4 @@ def _age(ts_ms: int | None, now: float, suffix: str = "") -> str:
         text = f"{seconds // 3600} h"
     else:
         text = f"{seconds // 86400} d"
-    return text + suffix
+    return text

@@ -34,7 +34,7 @@ from edgeforward.clock import (
 from edgeforward.cloudsim import CloudSim, SimDevice
 from edgeforward.config import Config, parse_config
 from edgeforward.daemon import PortPipeline
-from edgeforward.forwarder import Forwarder
+from edgeforward.forward import Forwarder
 from edgeforward.lines import ParseContext, Rejected, parse_line
 from edgeforward.points import PinType, Point
 
@@ -285,7 +285,8 @@ async def test_salvage_keeps_held_readings(tmp_path: Path) -> None:
 def pipeline_config(tmp_path: Path, server: str) -> Config:
     return parse_config(
         {
-            "cloud": {"server": server, "timeout_s": 2},
+            # No monthly plan: its pacing follows the real calendar, and these tests are about the clock's trust.
+            "cloud": {"server": server, "timeout_s": 2, "limits": {"messages_per_month": 0}},
             "buffer": {"path": str(tmp_path / "buffer.db")},
             "forward": {"live_interval_s": 0, "history_interval_s": 0.2, "retry_initial_s": 0.05},
             "port": [{"path": str(tmp_path / "no-such-port"), "device": "pump"}],

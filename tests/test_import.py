@@ -193,3 +193,12 @@ async def test_import_while_the_daemon_runs_reaches_the_cloud_once(
     assert all(history[i] == (now_s + 60 * i) * 1000 for i in range(50))
     assert len([p for p in cloud.points(TOKEN, 2) if p.value != 1000]) == 50
     assert daemon.stop() == 0
+
+
+def test_the_device_plan_decides_how_old_a_row_may_be(tmp_path: Path) -> None:
+    """[device.limits] max_age_days is the device's own: import takes rows the cloud plan alone would refuse."""
+    device = {**WEIR, "limits": OLD_DATA_LIMITS}
+    config = write_config(tmp_path, "http://127.0.0.1:9", [], [device], limits={"max_age_days": 30})
+    code, _, err = run_import(config, *TOA5_MAP, str(DATA / "Weir3_Hourly.dat"))
+    assert code == 0, err
+    assert ledger(config)["queued"] > 0

@@ -18,6 +18,7 @@ from edgeforward.daemon import Daemon
 
 from .conftest import TOKEN, Pty, wait_for, write_config
 
+PLAN_MESSAGES = 100_000_000
 PUMP = {"name": "pump", "token": TOKEN, "pins": {"v1": "double", "v2": "integer"}}
 HTTP_TIMEOUT_S = 10.0
 FLOW_TIMEOUT_S = 20.0
@@ -35,7 +36,8 @@ def free_port() -> int:
 
 
 def metrics_config(tmp_path: Path, server: str, ports: list[dict[str, Any]], stale_after_s: float = 60) -> Path:
-    path = write_config(tmp_path, server, ports, [PUMP], limits={"messages_per_month": 100000})
+    # A monthly plan so large that its pacing never binds, on any day of any month.
+    path = write_config(tmp_path, server, ports, [PUMP], limits={"messages_per_month": PLAN_MESSAGES})
     listen = f"127.0.0.1:{free_port()}"
     path.write_text(path.read_text() + f'\n[metrics]\nlisten = "{listen}"\nstale_after_s = {stale_after_s}\n')
     return path
@@ -124,10 +126,10 @@ async def test_metrics_match_the_ledger_exactly_and_health_is_ok(
             name = "edgeforward_points_queued" if key == "queued" else f"edgeforward_points_{key}_total"
             assert value(samples, name, device="pump") == ledger[key] == 0
         ok_requests = value(samples, "edgeforward_requests_total", device="pump", outcome="ok")
-        assert ok_requests == daemon.forwarders["pump"].outcomes["ok"] > 0
+        assert ok_requests == daemon.forwarders["pump"].snapshot().outcomes["ok"] > 0
         assert value(samples, "edgeforward_messages_this_month", device="pump") >= ok_requests
         assert value(samples, "edgeforward_messages_budget_left", device="pump") == (
-            100_000 - value(samples, "edgeforward_messages_this_month", device="pump")
+            PLAN_MESSAGES - value(samples, "edgeforward_messages_this_month", device="pump")
         )
         assert value(samples, "edgeforward_oldest_queued_age_seconds", device="pump") == 0
         assert value(samples, "edgeforward_device_state", device="pump", state="online") == 1

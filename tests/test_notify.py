@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,11 +25,15 @@ import pytest
 from edgeforward.buffer import Buffer
 from edgeforward.cloudsim import CloudSim
 from edgeforward.config import load_config
-from edgeforward.forwarder import Forwarder
+from edgeforward.forward import Forwarder, WaitReason
+from edgeforward.metrics import DaemonView, health
 from edgeforward.notify import Notifier, ProgressMonitor, watchdog_interval_s
 from edgeforward.points import Point
+from edgeforward.timebase import next_utc_month_s
 
 from .conftest import TOKEN, Pty, open_buffer, wait_for, write_config
+from .fakeclock import FakeClock
+from .forward.rig import MID_MONTH, PINS, make_config, rig, sim_cloud
 
 PUMP = {"name": "pump", "token": TOKEN, "pins": {"v1": "double", "v2": "integer"}}
 WATCHDOG_USEC = 600_000  # pings every 0.3 s
@@ -180,29 +185,56 @@ async def buffer(tmp_path: Path) -> AsyncIterator[Buffer]:
         yield buf
 
 
-async def test_forwarder_with_points_due_and_no_attempts_is_a_stall(
-    tmp_path: Path, cloud: CloudSim, buffer: Buffer
-) -> None:
-    config = load_config(write_config(tmp_path, str(cloud.url), [], [PUMP]))
-    now = [time.time()]
+async def test_a_wedged_forwarder_is_a_stall(tmp_path: Path, buffer: Buffer) -> None:
+    config = load_config(write_config(tmp_path, "http://127.0.0.1:9", [], [PUMP]))
+    clock = FakeClock(wall=MID_MONTH)
     async with aiohttp.ClientSession() as session:
-        # Constructed but never run: a wedged forwarder.
-        forwarder = Forwarder(config.devices[0], buffer, session, config.cloud, config.forward)
-        monitor = ProgressMonitor(buffer, {"pump": forwarder}, config, clock=lambda: now[0])
-        allowance = monitor.allowance_s(forwarder)
-        now[0] += allowance + 1
-        assert await monitor.stalls(1.0) == []  # nothing queued: idle by design
-        await buffer.submit([Point("pump", 1, int(now[0] * 1000), 1.5)])
+        # Constructed but never run: it never reaches its first deadline.
+        forwarder = Forwarder(config.devices[0], buffer, session, config.cloud, config.forward, clock=clock)
+        monitor = ProgressMonitor(buffer, {"pump": forwarder}, config, clock=clock)
         assert await monitor.stalls(1.0) == []
-        now[0] += allowance + 1
+        await clock.advance(monitor.allowance_s() + 1)
         stalls = await monitor.stalls(1.0)
-        assert len(stalls) == 1 and "forwarder pump has points due" in stalls[0]
-        forwarder.last_attempt_s = now[0]  # what an attempt does
-        assert await monitor.stalls(1.0) == []
-        # A spent daily budget is a wait by design, not a stall.
-        await buffer.spend("pump", now[0], points=config.cloud.limits.points_per_day)
-        now[0] += allowance + 1
-        assert await monitor.stalls(1.0) == []
+        assert len(stalls) == 1 and "forwarder pump is" in stalls[0] and "late" in stalls[0]
+
+
+@pytest.mark.parametrize("case", ["device-plan-points-spent", "one-message-left-this-month"])
+async def test_waiting_by_design_is_neither_a_stall_nor_unhealthy(tmp_path: Path, case: str) -> None:
+    """The two false stalls: (A) a device plan smaller than [cloud.limits] with today's points spent, and
+    (B) one message left this month. Both wait by design: the watchdog keeps pinging, /healthz stays 200."""
+    clock = FakeClock(wall=MID_MONTH)
+    async with sim_cloud(clock) as sim:
+        if case == "device-plan-points-spent":
+            device = {"name": "pump", "token": TOKEN, "pins": PINS, "limits": {"points_per_day": 100}}
+            cloud_limits: dict[str, Any] = {"points_per_day": 100_000}
+        else:
+            device = {"name": "pump", "token": TOKEN, "pins": PINS}
+            cloud_limits = {"messages_per_month": 10}
+        config = make_config(tmp_path, str(sim.url), live=0, limits=cloud_limits, devices=[device])
+        async with rig(config, clock=clock) as r:
+            await r.idle()
+            if case == "device-plan-points-spent":
+                await r.buffer.spend("pump", clock.wall(), messages=1, points=100)
+            else:
+                await r.buffer.spend("pump", clock.wall(), messages=9)
+            old = clock.wall_ms() - 60_000
+            await r.buffer.submit([Point("pump", 1, old + i, float(i)) for i in range(500)])
+            monitor = ProgressMonitor(r.buffer, r.forwarders, config, clock=clock)
+            view = DaemonView(config, r.buffer, r.forwarders, [], clock.wall())
+            for _ in range(48):  # two days in hours: the watchdog would have been withheld after 95 s
+                await clock.advance(3600)
+                assert await monitor.stalls(1.0) == []
+                snapshot = await view.snapshot(clock.wall())
+                if case == "device-plan-points-spent" or clock.wall() < next_utc_month_s(MID_MONTH):
+                    assert health(snapshot, config).ok, health(snapshot, config).reasons
+                    assert r.forwarder.snapshot().by_design
+            sent = [req for req in sim.requests if req.method == "POST"]
+        if case == "device-plan-points-spent":
+            # Two new UTC days of the device's own plan (100 points each), never the cloud plan's 100,000.
+            assert sum(req.points for req in sent) == 200
+            assert r.forwarder.snapshot().waiting is WaitReason.POINTS_BUDGET
+        else:
+            assert len(sent) <= 1  # the last message of the month: history keeps the live share, so none
 
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "edgeforward.service"

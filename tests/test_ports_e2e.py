@@ -118,6 +118,9 @@ async def test_four_formats_at_once_with_noise_and_one_port_unplugged(
         ],
         devices(),
         limits=UNLIMITED,
+        # Every point by history, with its read time: the live path would be stamped on arrival by the cloud,
+        # and the order checks below are of read order.
+        forward={"live_interval_s": 0},
     )
     daemon = daemon_factory(config)
     daemon.start()

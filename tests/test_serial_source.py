@@ -20,11 +20,11 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgeforward.backoff import Backoff
 from edgeforward.serial_source import (
     NEWLINES,
     RECONNECT_INITIAL_S,
     RECONNECT_MAX_S,
-    Backoff,
     LineFramer,
     PortState,
     PortStats,
@@ -602,7 +602,7 @@ def test_framer_survives_a_failing_handler() -> None:
 
 
 def test_backoff_grows_is_capped_jittered_and_resets() -> None:
-    backoff = Backoff()
+    backoff = Backoff(RECONNECT_INITIAL_S, RECONNECT_MAX_S)
     delays = [backoff.next_delay() for _ in range(12)]
     assert RECONNECT_INITIAL_S / 2 <= delays[0] <= RECONNECT_INITIAL_S
     assert all(0 < delay <= RECONNECT_MAX_S for delay in delays)

@@ -25,6 +25,10 @@ EXTRA_DEVICE_KEYS = {
     "points_per_day_limit",
     "messages_per_month_limit",
     "live_interval_s",
+    "history_interval_s",
+    "waiting_reason",
+    "next_attempt_ts",
+    "parked_pins",
     "backlog_clears_in_s",
     "ingest_failed",
     "held_for_clock",
@@ -36,11 +40,12 @@ EXTRA_DEVICE_KEYS = {
 }
 PORT_KEYS = {"state", "lines_ok", "lines_bad", "lines_ignored", "reconnects", "bad_reasons", "ignored_reasons"}
 FLOW_TIMEOUT_S = 30.0
+PLAN_MESSAGES = 100_000_000
 
 
 def render(document: dict[str, Any], config: Path) -> str:
     console = Console(record=True, width=200, file=io.StringIO())
-    console.print(status_view(document, load_config(config).cloud.limits))
+    console.print(status_view(document))
     return console.export_text()
 
 
@@ -64,7 +69,8 @@ async def test_status_view_while_running_and_after_stop(
         str(cloud.url),
         [{"path": pty_port.path, "device": "pump"}],
         [PUMP],
-        limits={"messages_per_month": 100000},
+        # A monthly plan so large that its pacing never binds, on any day of any month.
+        limits={"messages_per_month": PLAN_MESSAGES},
     )
     daemon = daemon_factory(config)
     daemon.start()
@@ -85,9 +91,31 @@ async def test_status_view_while_running_and_after_stop(
     text = render(document, config)
     assert f"running (pid {daemon.process.pid if daemon.process else 0})" in text
     assert "online" in text and "unknown_pin 5" in text
-    assert "/ 100000 (0%)" in text  # messages this month against the plan
+    assert f"/ {PLAN_MESSAGES} (0%)" in text  # messages this month against the plan
     assert " ago" in text  # last success
+    # What the forwarder published: why points would wait, when it tries next, the intervals in effect.
+    await wait_for(lambda: daemon.status()["devices"]["pump"]["next_attempt_ts"] is not None, FLOW_TIMEOUT_S, 0.3)
+    entry = daemon.status()["devices"]["pump"]
+    assert entry["waiting_reason"] == "pacing"
+    assert entry["history_interval_s"] == 0.5 and entry["live_interval_s"] == 0.5
     assert daemon.stop() == 0
-    stopped = render(read_status(load_config(config)), config)
+    stopped_document = read_status(load_config(config))
+    stopped = render(stopped_document, config)
     assert "not running" in stopped and "unknown_pin 5" in stopped
+    assert stopped_document["devices"]["pump"]["next_attempt_ts"] is None  # nothing is planned while stopped
+
+    # Port counters are lifetime: a restart does not forget the bad lines of the run before.
+    daemon = daemon_factory(config)
+    daemon.start()
+    await daemon.wait_started()
+    await wait_for(lambda: daemon.status()["ports"][pty_port.path]["state"] == "open", FLOW_TIMEOUT_S, 0.3)
+    pty_port.write("v1=9.5 v2=9\nv7=2\n")
+
+    def counted() -> bool:
+        port = daemon.status()["ports"][pty_port.path]
+        return bool(port["lines_bad"] == 6 and port["lines_ok"] == 7)
+
+    await wait_for(counted, FLOW_TIMEOUT_S, 0.3)
+    assert daemon.status()["ports"][pty_port.path]["bad_reasons"] == {"unknown_pin": 6}
+    assert daemon.stop() == 0
     print(stopped)

@@ -13,7 +13,7 @@ import aiohttp
 
 from edgeforward.buffer import Buffer
 from edgeforward.config import CloudConfig, Device, ForwardConfig, Limits, PinSpec
-from edgeforward.forwarder import Forwarder
+from edgeforward.forward import Forwarder
 
 from .common import DEVICE, PIN_TYPES, TOKEN, CloudSimProcess, Result, adds_up, backlog_copy, cpu_seconds, ledger
 
@@ -93,7 +93,7 @@ async def _forwarder(path: Path, url: str) -> tuple[float, int, int]:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         stats = await _sim_stats(session, url)
-    requests = forwarder.outcomes["ok"]
+    requests = forwarder.snapshot().outcomes["ok"]
     buffer.stop_writer()
     await writer
     await buffer.close()

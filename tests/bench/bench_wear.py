@@ -12,7 +12,7 @@ import aiohttp
 
 from edgeforward.buffer import Buffer, Committed
 from edgeforward.config import CloudConfig, Device, ForwardConfig, Limits, PinSpec
-from edgeforward.forwarder import Forwarder
+from edgeforward.forward import Forwarder
 from edgeforward.points import Point
 from tests.conftest import wait_for
 
@@ -142,7 +142,7 @@ async def _wire(path: Path, sim_port: int, *, live: bool) -> tuple[int, int, int
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            requests = forwarder.outcomes["ok"]
+            requests = forwarder.snapshot().outcomes["ok"]
         ledger = await buffer.ledger(DEVICE)
         delivered = ledger["delivered_live" if live else "delivered_history"]
     finally:

@@ -7,7 +7,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeforward.planner import (
+from edgeforward.forward.planner import (
     PinBacklog,
     allocate_points,
     clear_eta_s,
@@ -115,7 +115,7 @@ def test_clear_eta() -> None:
 
 @given(st.floats(0.1, 3600), st.integers(0, 1_000_000) | st.none(), st.floats(1, 31 * 86400), st.integers(0, 256))
 def test_history_rounds_spread_over_the_month(base: float, messages: int | None, seconds: float, pins: int) -> None:
-    from edgeforward.planner import history_interval_s
+    from edgeforward.forward.planner import history_interval_s
 
     interval = history_interval_s(base, messages, seconds, pins)
     assert interval >= min(base, seconds) or (messages is not None and messages < 1)
