@@ -17,7 +17,7 @@ from edgeforward.logs import configure_logging
 
 from .common import Result, fmt, machine
 
-BENCHES = ("ingest", "serial", "drain", "memory", "idle", "wear", "startup")
+BENCHES = ("ingest", "serial", "drain", "memory", "idle", "footprint", "wear", "startup")
 
 
 def _row(result: Result) -> str:
