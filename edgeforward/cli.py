@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ import structlog
 
 from . import __version__
 from .config import Config, ConfigError, config_path, load_config
-from .logs import configure_logging
+from .logs import configure_logging, journal_priority, writes_to_journal
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -109,15 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
+        prefix = f"<{journal_priority(logging.ERROR)}>" if writes_to_journal(sys.stderr) else ""
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            print(f"{prefix}{problem}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(config_path(args.config))
+def _load(args: argparse.Namespace, *, read_tokens: bool = True) -> Config:
+    return load_config(config_path(args.config), read_tokens=read_tokens)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -138,9 +140,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
+    # Offline, tokens are checked for form only: their files and credentials may exist only for the service.
+    config = _load(args, read_tokens=args.online)
     print(f"{config.path}: ok ({len(config.devices)} devices, {len(config.ports)} ports)")
     if not args.online:
+        print("tokens were not read: check-config --online reads them and asks the cloud whether it accepts each")
         return EXIT_OK
     from .online import check_online
 
@@ -156,7 +160,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from .status import read_status, render_status, status_view
 
-    config = _load(args)
+    config = _load(args, read_tokens=False)
     if args.json:
         print(json.dumps(read_status(config), indent=2))
         return EXIT_OK
@@ -173,14 +177,14 @@ def _status(args: argparse.Namespace) -> int:
 def _deadletter(args: argparse.Namespace) -> int:
     from .deadletter import run_deadletter
 
-    config = _load(args)
+    config = _load(args, read_tokens=False)
     return run_deadletter(config, args.action, device=args.device, pin=args.pin, as_json=args.json)
 
 
 def _import(args: argparse.Namespace) -> int:
     from .importer import BackfillError, ImportOptions, parse_mapping, run_import
 
-    config = _load(args)
+    config = _load(args, read_tokens=False)
     configure_logging("warning", "auto", secrets=config.tokens)
     try:
         options = ImportOptions(

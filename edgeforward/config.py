@@ -155,7 +155,7 @@ class Device:
     """A Blynk device: its name, resolved token and declared pins."""
 
     name: str
-    token: str = field(repr=False)
+    token: str = field(repr=False)  # "" when the config was loaded without reading tokens (see load_config)
     pins: Mapping[int, PinSpec]
     limits: Limits | None = None  # [device.limits]: this device's plan, when it differs from [cloud.limits]
 
@@ -187,8 +187,8 @@ class Config:
 
     @property
     def tokens(self) -> tuple[str, ...]:
-        """Every device token (for log redaction)."""
-        return tuple(device.token for device in self.devices)
+        """Every device token that was read (for log redaction)."""
+        return tuple(device.token for device in self.devices if device.token)
 
 
 def resolve_limits(cloud: CloudConfig, device: Device | None) -> Limits:
@@ -217,8 +217,13 @@ def config_path(cli_value: str | None) -> Path:
     return Path(value)
 
 
-def load_config(path: Path) -> Config:
-    """Read, decode and validate a config file; raise ConfigError listing every problem."""
+def load_config(path: Path, *, read_tokens: bool = True) -> Config:
+    """Read, decode and validate a config file; raise ConfigError listing every problem.
+
+    With read_tokens=False, token_file, token_env and token_credential are checked for form only, never read,
+    and those devices' tokens are "": for commands that never talk to the cloud (status, deadletter, import,
+    check-config offline), which then run outside the service, where its credentials do not exist.
+    """
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -227,10 +232,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError([f"config: {path} is not UTF-8: {exc}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"config: {path} is not valid TOML: {exc}"]) from exc
-    return parse_config(raw, path)
+    return parse_config(raw, path, read_tokens=read_tokens)
 
 
-def parse_config(raw: dict[str, Any], path: Path) -> Config:
+def parse_config(raw: dict[str, Any], path: Path, *, read_tokens: bool = True) -> Config:
     """Validate an already-parsed TOML document."""
     problems: list[str] = []
     base = path.resolve().parent
@@ -258,7 +263,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
     cloud_raw = raw.get("cloud", {})
     limits_raw = cloud_raw.get("limits", {}) if isinstance(cloud_raw, dict) else {}
-    devices = _parse_devices(_array(raw, "device", problems), base, problems, limits_raw)
+    devices = _parse_devices(_array(raw, "device", problems), base, problems, limits_raw, read_tokens)
     ports = _parse_ports(_array(raw, "port", problems), devices, problems)
     if problems:
         raise ConfigError(problems)
@@ -283,7 +288,9 @@ def _array(raw: dict[str, Any], key: str, problems: list[str]) -> list[Any]:
     return value
 
 
-def _parse_devices(items: list[Any], base: Path, problems: list[str], cloud_limits: Any) -> tuple[Device, ...]:
+def _parse_devices(
+    items: list[Any], base: Path, problems: list[str], cloud_limits: Any, read_tokens: bool
+) -> tuple[Device, ...]:
     devices: list[Device] = []
     seen: set[str] = set()
     for index, item in enumerate(items):
@@ -295,13 +302,13 @@ def _parse_devices(items: list[Any], base: Path, problems: list[str], cloud_limi
             problems.append(f'{where}.name: device "{table.name}" is defined twice')
         seen.add(table.name)
         pins = _parse_pins(table.pins, f"{where}.pins", problems)
-        token = _resolve_token(table, where, base, problems)
-        if token is not None:
-            limits = None
-            if table.limits is not None:
-                merged = {**(cloud_limits if isinstance(cloud_limits, dict) else {}), **table.limits}
-                limits = _convert(merged, Limits, f"{where}.limits", problems)
-            devices.append(Device(name=table.name, token=token, pins=pins, limits=limits))
+        token = _resolve_token(table, where, base, problems, read_tokens)
+        limits = None
+        if table.limits is not None:
+            merged = {**(cloud_limits if isinstance(cloud_limits, dict) else {}), **table.limits}
+            limits = _convert(merged, Limits, f"{where}.limits", problems)
+        # Kept even when its token failed (the problem is listed; no Config is built): ports still know the name.
+        devices.append(Device(name=table.name, token=token or "", pins=pins, limits=limits))
     return tuple(devices)
 
 
@@ -333,7 +340,7 @@ def _parse_pins(raw: dict[str, Any], where: str, problems: list[str]) -> dict[in
     return pins
 
 
-def _resolve_token(table: _DeviceTable, where: str, base: Path, problems: list[str]) -> str | None:
+def _resolve_token(table: _DeviceTable, where: str, base: Path, problems: list[str], read: bool) -> str | None:
     sources = {
         "token": table.token,
         "token_file": table.token_file,
@@ -351,6 +358,11 @@ def _resolve_token(table: _DeviceTable, where: str, base: Path, problems: list[s
     value = sources[key]
     assert value is not None
     token: str | None
+    if key != "token" and not value.strip():
+        problems.append(f"{where}.{key}: empty")
+        return None
+    if key != "token" and not read:
+        return ""
     if key == "token":
         token = value
     elif key == "token_env":
@@ -361,7 +373,7 @@ def _resolve_token(table: _DeviceTable, where: str, base: Path, problems: list[s
     else:
         if key == "token_credential":
             directory = os.environ.get(CREDENTIALS_ENV)
-            if directory is None:
+            if not directory:
                 problems.append(f"{where}.token_credential: {CREDENTIALS_ENV} is not set")
                 return None
             file = Path(directory) / value

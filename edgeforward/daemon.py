@@ -13,7 +13,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -25,10 +25,13 @@ from .config import Config, PortConfig
 from .forward import Forwarder, Peers
 from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected, parse_line
 from .logs import Throttle
-from .metrics import DaemonView, MetricsServer
 from .notify import Notifier, ProgressMonitor, SystemdWatchdog, status_line, watchdog_interval_s
 from .points import Point
 from .serial_source import PortStats, SerialSource
+
+if TYPE_CHECKING:
+    # Imported when [metrics] listen is set: aiohttp.web and prometheus_client cost the daemon 5 MB otherwise.
+    from .metrics import DaemonView, MetricsServer
 
 log = structlog.get_logger(__name__)
 
@@ -242,6 +245,8 @@ class Daemon:
 
     def view(self) -> DaemonView:
         """Return what metrics, health and the demo read of this daemon."""
+        from .metrics import DaemonView  # noqa: PLC0415 (see TYPE_CHECKING above)
+
         return DaemonView(self.config, self.buffer, self.forwarders, [p.stats for p in self.pipelines], self.started_s)
 
     def _on_commit(self, committed: Sequence[Committed]) -> None:
@@ -291,6 +296,8 @@ class Daemon:
         listen = self.config.metrics.listen
         if listen is None:
             return
+        from .metrics import MetricsServer  # noqa: PLC0415 (see TYPE_CHECKING above)
+
         server = MetricsServer(self.view())
         try:
             await server.start(listen)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -15,6 +16,35 @@ REDACTED = "***"
 _TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
 
 _secrets: tuple[str, ...] = ()
+
+JOURNAL_STREAM_ENV = "JOURNAL_STREAM"  # "DEVICE:INODE" of the journal's stream socket (systemd.exec(5))
+# sd-daemon(3) priorities by level: journald takes a leading "<N>" as the line's priority and strips it.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+DEBUG_PRIORITY = 7
+
+
+def writes_to_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """Return whether `stream` is the journal's stream socket that systemd connected this service's output to."""
+    expected = environ.get(JOURNAL_STREAM_ENV)
+    if not expected:
+        return False
+    try:
+        stat = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or no file behind it (io.StringIO)
+        return False
+    return f"{stat.st_dev}:{stat.st_ino}" == expected
+
+
+def journal_priority(levelno: int) -> int:
+    """Return the syslog priority of a logging level."""
+    return next((priority for level, priority in _PRIORITIES if levelno >= level), DEBUG_PRIORITY)
+
+
+class _JournalFormatter(structlog.stdlib.ProcessorFormatter):
+    """The same line, led by its priority for journald."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{journal_priority(record.levelno)}>{super().format(record)}"
 
 
 def redact(text: str) -> str:
@@ -72,8 +102,9 @@ def configure_logging(
         timestamper,
     ]
     handler = logging.StreamHandler(out)
+    formatter = _JournalFormatter if writes_to_journal(out) else structlog.stdlib.ProcessorFormatter
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        formatter(
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,

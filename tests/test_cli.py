@@ -12,7 +12,7 @@ DEMO_TIMEOUT_S = 90
 
 
 def test_example_config_passes_check_config() -> None:
-    result = edgeforward("check-config", "--config", str(EXAMPLE), env={"PUMP_TOKEN": "example-token-0123456789"})
+    result = edgeforward("check-config", "--config", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
     assert "ok (1 devices, 1 ports)" in result.stdout
 
@@ -20,7 +20,7 @@ def test_example_config_passes_check_config() -> None:
 def test_example_config_with_metrics_enabled_passes(tmp_path: Path) -> None:
     config = tmp_path / "edgeforward.toml"
     config.write_text(EXAMPLE.read_text().replace('# listen = "127.0.0.1:9108"', 'listen = "127.0.0.1:9108"'))
-    result = edgeforward("check-config", "--config", str(config), env={"PUMP_TOKEN": "example-token-0123456789"})
+    result = edgeforward("check-config", "--config", str(config))
     assert result.returncode == 0, result.stderr
 
 
@@ -32,14 +32,28 @@ def test_bad_config_exits_2_and_names_each_key(tmp_path: Path) -> None:
         .replace("stale_after_s = 900", "stale_after_s = -1")
     )
     config.write_text(text)
-    result = edgeforward("check-config", "--config", str(config), env={"PUMP_TOKEN": "example-token-0123456789"})
+    result = edgeforward("check-config", "--config", str(config))
     assert result.returncode == 2
     assert 'device[0].pins.v3.type: expected one of integer|double|string|boolean|enum|location, got "decimal"' in (
         result.stderr
     )
     assert "metrics.stale_after_s" in result.stderr
-    missing_token = edgeforward("check-config", "--config", str(EXAMPLE), env={"PUMP_TOKEN": ""})
-    assert missing_token.returncode == 2 and "device[0].token_env" in missing_token.stderr
+    # The token is read by --online (and by run), never offline.
+    missing_token = edgeforward("check-config", "--online", "--config", str(EXAMPLE), env={"CREDENTIALS_DIRECTORY": ""})
+    assert missing_token.returncode == 2 and "device[0].token_credential" in missing_token.stderr
+
+
+def test_commands_without_the_cloud_run_where_the_token_credential_does_not_exist(tmp_path: Path) -> None:
+    config = tmp_path / "edgeforward.toml"
+    config.write_text(EXAMPLE.read_text().replace("/var/lib/edgeforward/buffer.db", str(tmp_path / "buffer.db")))
+    assert 'token_credential = "pump"' in config.read_text()
+    for command in (["check-config"], ["status", "--json"], ["deadletter", "list"]):
+        result = edgeforward(*command, "--config", str(config), env={"CREDENTIALS_DIRECTORY": ""})
+        assert result.returncode == 0, (command, result.stderr)
+    online = edgeforward("check-config", "--online", "--config", str(config), env={"CREDENTIALS_DIRECTORY": ""})
+    assert online.returncode == 2
+    # The device whose token failed is still a device: no false "no [[device]] is named" for its port.
+    assert online.stderr.splitlines() == ["device[0].token_credential: CREDENTIALS_DIRECTORY is not set"]
 
 
 def test_demo_headless_ends_by_itself_with_exit_0() -> None:

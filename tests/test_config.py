@@ -133,3 +133,34 @@ def test_limits_struct_is_typed() -> None:
 
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"requests_per_second": "fast"}, Limits, strict=True)
+
+
+def test_without_reading_tokens_sources_are_checked_for_form_only(tmp_path: Path) -> None:
+    raw = {
+        "port": [{"path": "/dev/ttyACM0", "device": "pump"}],
+        "device": [
+            {"name": "pump", "token_credential": "pump", "pins": {"v1": "double"}},
+            {"name": "fan", "token_file": "missing.token"},
+            {"name": "heater", "token_env": "EDGEFORWARD_TEST_UNSET"},
+            {"name": "inline", "token": TOKEN},
+        ],
+    }
+    config = parse_config(raw, tmp_path / "edgeforward.toml", read_tokens=False)
+    assert [d.token for d in config.devices] == ["", "", "", TOKEN]
+    assert config.tokens == (TOKEN,)
+    bad = {"device": [{"name": "pump", "token_file": " "}, {"name": "fan", "token": TOKEN, "token_env": "X"}]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, tmp_path / "edgeforward.toml", read_tokens=False)
+    assert caught.value.problems == [
+        "device[0].token_file: empty",
+        "device[1].token_env: give only one of token, token_env",
+    ]
+
+
+def test_a_device_whose_token_fails_is_still_a_device_for_its_ports(tmp_path: Path) -> None:
+    raw = {
+        "port": [{"path": "/dev/ttyACM0", "device": "pump"}],
+        "device": [{"name": "pump", "token_file": "missing.token", "pins": {"v1": "double"}}],
+    }
+    problems = problems_of(raw, tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("device[0].token_file: cannot read")

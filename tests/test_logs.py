@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
-from edgeforward.logs import REDACTED, Throttle, configure_logging, redact
+from edgeforward.logs import JOURNAL_STREAM_ENV, REDACTED, Throttle, configure_logging, redact, writes_to_journal
 
 TOKEN = "tok-secret-0123456789abcdef"
 
@@ -56,3 +58,30 @@ def test_throttle_counts_what_it_holds_back() -> None:
     assert [throttle.allow(0.0), throttle.allow(1.0), throttle.allow(2.0)] == [True, True, False]
     assert throttle.take_suppressed() == 1
     assert throttle.allow(61.0)
+
+
+def test_lines_to_the_journal_lead_with_their_priority_and_json_is_unchanged(tmp_path: Path) -> None:
+    with (tmp_path / "journal").open("w+") as journal, (tmp_path / "file").open("w+") as plain:
+        stat = os.fstat(journal.fileno())
+        environ = {JOURNAL_STREAM_ENV: f"{stat.st_dev}:{stat.st_ino}"}
+        assert writes_to_journal(journal, environ) and not writes_to_journal(plain, environ)
+        assert not writes_to_journal(journal, {}) and not writes_to_journal(io.StringIO(), environ)
+        lines: dict[str, list[str]] = {}
+        for name, stream in (("journal", journal), ("plain", plain)):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv(JOURNAL_STREAM_ENV, environ[JOURNAL_STREAM_ENV])
+                configure_logging("debug", "json", secrets=[TOKEN], stream=stream)
+            log = structlog.get_logger("edgeforward.test")
+            log.debug("d")
+            log.info("i")
+            log.warning("w", url=f"https://h/?token={TOKEN}")
+            log.error("e")
+            logging.getLogger("aiohttp.client").critical("c")
+            stream.seek(0)
+            lines[name] = stream.read().splitlines()
+    assert [line[:3] for line in lines["journal"]] == ["<7>", "<6>", "<4>", "<3>", "<2>"]
+    # Behind the prefix, the same JSON line as anywhere else (only the time differs).
+    events = [{**json.loads(line[3:]), "timestamp": None} for line in lines["journal"]]
+    assert events == [{**json.loads(line), "timestamp": None} for line in lines["plain"]]
+    assert [event["event"] for event in events] == ["d", "i", "w", "e", "c"]
+    assert TOKEN not in "".join(lines["journal"])

@@ -263,7 +263,12 @@ def test_unit_is_notify_with_watchdog_and_serial_devices() -> None:
     assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
     assert int(settings["WatchdogSec"][0]) > 0
     assert settings["PrivateDevices"] == ["no"] and settings["DevicePolicy"] == ["closed"]
-    assert {"char-ttyUSB rw", "char-ttyACM rw"} <= set(settings["DeviceAllow"])
+    # The USB majors as numbers too: names resolve only against drivers loaded when the unit starts.
+    assert {"char-188 rw", "char-166 rw", "char-ttyUSB rw", "char-ttyACM rw"} <= set(settings["DeviceAllow"])
+    assert {"adjtimex", "clock_adjtime", "clock_adjtime64"} <= set(" ".join(settings["SystemCallFilter"]).split())
+    assert "ProcSubset" not in settings  # it would hide /proc/sys/kernel/random/boot_id
+    # The daemon checks its config and exits 2 (not restarted); an ExecStartPre= exit would be restarted.
+    assert "ExecStartPre" not in settings and settings["RestartPreventExitStatus"] == ["2"]
     assert settings["SupplementaryGroups"] == ["dialout"] and settings["StateDirectory"] == ["edgeforward"]
     assert "AF_INET" in settings["RestrictAddressFamilies"][0].split()
     assert "AF_UNIX" in settings["RestrictAddressFamilies"][0].split()  # sd_notify
