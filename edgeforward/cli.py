@@ -9,12 +9,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from . import __version__
 from .config import Config, ConfigError, config_path, load_config
+from .errors import EdgeforwardError
 from .logs import configure_logging
+from .redact import add_secrets, redact, redact_value
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -66,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cloudsim = commands.add_parser("cloudsim", help="a local Blynk-compatible device API server")
     cloudsim.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
-    cloudsim.add_argument("--devices", type=Path, help="devices file: JSON {token: {pins}} or an edgeforward config")
+    cloudsim.add_argument(
+        "--devices",
+        type=Path,
+        help='devices file: JSON {"TOKEN": {"name": "pump", "pins": {"v1": "double"}}} or an edgeforward config',
+    )
     cloudsim.add_argument("--any-token", action="store_true", help="accept every token (pins of any type)")
     cloudsim.add_argument("--record", type=Path, help="append every accepted point to this JSON-lines file")
     cloudsim.add_argument("--batch-max-points", type=int, default=10_000)
@@ -123,30 +130,45 @@ def _load(args: argparse.Namespace) -> Config:
 def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.log.level, config.log.format, secrets=config.tokens, stream=sys.stdout)
-    from .buffer import BufferError
     from .daemon import run_daemon
 
     try:
         asyncio.run(run_daemon(config))
-    except BufferError as exc:
-        log.error("fatal", error=str(exc))
-        return EXIT_FATAL
-    except OSError as exc:
-        log.error("fatal", error=str(exc))
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (every fatal error is logged, redacted; never a raw traceback)
+        log_fatal(exc)
         return EXIT_FATAL
     return EXIT_OK
 
 
+def log_fatal(exc: BaseException) -> None:
+    """Log a fatal error through the redacting logger: each error of an ExceptionGroup on its own line."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            log_fatal(inner)
+        return
+    error = redact(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, EdgeforwardError | OSError):
+        log.error("fatal", error=error)  # an expected kind of failure: its text says it all
+    else:
+        log.error("fatal", error=error, exc_info=exc)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = _load(args)
-    print(f"{config.path}: ok ({len(config.devices)} devices, {len(config.ports)} ports)")
+    add_secrets(config.tokens)
+    print(redact(f"{config.path}: ok ({len(config.devices)} devices, {len(config.ports)} ports)"))
     if not args.online:
         return EXIT_OK
     from .online import check_online
 
-    problems = asyncio.run(check_online(config))
+    try:
+        problems = asyncio.run(check_online(config))
+    except (EdgeforwardError, OSError) as exc:
+        problems = [f"cannot check online: {type(exc).__name__}: {exc}"]
     for problem in problems:
-        print(problem, file=sys.stderr)
+        print(redact(problem), file=sys.stderr)
     return EXIT_FATAL if problems else EXIT_OK
 
 
@@ -157,18 +179,24 @@ def _status(args: argparse.Namespace) -> int:
     from .status import read_status, render_status, status_view
 
     config = _load(args)
+    add_secrets(config.tokens)
     limits = config.cloud.limits
+
+    def current() -> dict[str, Any]:
+        status: dict[str, Any] = redact_value(read_status(config))
+        return status
+
     if args.json:
-        print(json.dumps(read_status(config), indent=2))
+        print(json.dumps(current(), indent=2))
         return EXIT_OK
     console = Console()
     if not args.watch:
-        render_status(read_status(config), console, limits)
+        render_status(current(), console, limits)
         return EXIT_OK
-    with Live(status_view(read_status(config), limits), console=console, auto_refresh=False) as live:
+    with Live(status_view(current(), limits), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(WATCH_INTERVAL_S)
-            live.update(status_view(read_status(config), limits), refresh=True)
+            live.update(status_view(current(), limits), refresh=True)
 
 
 def _deadletter(args: argparse.Namespace) -> int:
@@ -200,38 +228,51 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _cloudsim(args: argparse.Namespace) -> int:
-    from .cloudsim import SimError, SimLimits, devices_from_file, parse_fault_rates, serve, server_ssl_context
+    from .cloudsim import (
+        SimError,
+        SimLimits,
+        devices_from_file,
+        parse_fault_rates,
+        serve,
+        server_ssl_context,
+        split_listen,
+    )
 
     configure_logging("info", "auto")
     try:
         devices = devices_from_file(args.devices) if args.devices else []
         faults = parse_fault_rates(args.fault) if args.fault else {}
         tls = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        limits = SimLimits(
+            batch_max_points=args.batch_max_points,
+            max_request_bytes=args.max_request_bytes,
+            points_per_day=args.points_per_day,
+            messages_per_month=args.messages_per_month,
+            requests_per_second=args.requests_per_second,
+            max_age_days=args.max_age_days,
+        )
+        split_listen(args.listen)  # a bad --listen is one line before anything starts
     except SimError as exc:
         print(f"cloudsim: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    limits = SimLimits(
-        batch_max_points=args.batch_max_points,
-        max_request_bytes=args.max_request_bytes,
-        points_per_day=args.points_per_day,
-        messages_per_month=args.messages_per_month,
-        requests_per_second=args.requests_per_second,
-        max_age_days=args.max_age_days,
-    )
     accept_any = args.any_token or not devices
-    asyncio.run(
-        serve(
-            args.listen,
-            devices,
-            limits,
-            accept_any,
-            args.record,
-            fault_rates=faults,
-            seed=args.seed,
-            retry_after_s=args.retry_after,
-            ssl_context=tls,
+    try:
+        asyncio.run(
+            serve(
+                args.listen,
+                devices,
+                limits,
+                accept_any,
+                args.record,
+                fault_rates=faults,
+                seed=args.seed,
+                retry_after_s=args.retry_after,
+                ssl_context=tls,
+            )
         )
-    )
+    except SimError as exc:
+        print(f"cloudsim: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
 from collections.abc import Iterable, MutableMapping
@@ -11,39 +10,16 @@ from typing import Any, TextIO
 
 import structlog
 
-REDACTED = "***"
-_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+from .redact import REDACTED, add_secrets, redact, redact_value
 
-_secrets: tuple[str, ...] = ()
-
-
-def redact(text: str) -> str:
-    """Remove every known token and every `token=` query value from a text."""
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return _TOKEN_IN_TEXT.sub(r"\1" + REDACTED, text)
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {key: _redact_value(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_redact_value(item) for item in value)
-    if isinstance(value, BaseException):
-        return redact(f"{type(value).__name__}: {value}")
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return redact(str(value))
+__all__ = ["REDACTED", "Throttle", "configure_logging", "redact", "redact_processor"]
 
 
 def redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: redact secrets in every value of the event."""
     for key, value in list(event_dict.items()):
         if not key.startswith("_"):
-            event_dict[key] = _redact_value(value)
+            event_dict[key] = redact_value(value)
     return event_dict
 
 
@@ -55,8 +31,7 @@ def configure_logging(
     stream: TextIO | None = None,
 ) -> None:
     """Route structlog and stdlib logging through one redacting renderer."""
-    global _secrets  # noqa: PLW0603 (one process-wide set of secrets, set once at start)
-    _secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+    add_secrets(secrets)
     out = stream or sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (

@@ -38,12 +38,12 @@ from edgeforward.cloudsim import (
     parse_fault_rates,
     parse_json_value,
     parse_text_value,
-    redact,
     serve,
     split_listen,
 )
 from edgeforward.config import Limits
 from edgeforward.points import PinType, Value
+from edgeforward.redact import REDACTED, redact
 
 PUMP = "pumpTokenAAAAAAAAAAAAAAAAAAAAAAA"
 LOOSE = "looseTokenBBBBBBBBBBBBBBBBBBBBBB"
@@ -599,7 +599,7 @@ async def test_fault_modes_answer_every_api_request(
             assert response.headers.get("Retry-After") == ("1" if mode == "429" else None)
     assert sim.received == []
     assert sim.usage(PUMP).messages_this_month == 0  # a fault is not a counted message
-    assert [r.device for r in sim.requests[:2]] == ["pump", "loose"]
+    assert [r.device for r in list(sim.requests)[:2]] == ["pump", "loose"]
     assert {r.status for r in sim.requests} == {status}
     assert (await call(http, sim, "GET", "/_sim/stats"))[0] == 200  # never for control endpoints
     sim.outage = None
@@ -789,7 +789,7 @@ async def test_control_endpoints(sim: CloudSim, http: aiohttp.ClientSession) -> 
     assert (await call(http, sim, "POST", "/_sim/outage?mode=sideways"))[0] == 400
     assert (await call(http, sim, "POST", "/_sim/outage?mode=off"))[0] == 200
     assert sim.outage is None
-    assert all("token=<redacted>" in r.query for r in sim.requests)
+    assert all(f"token={REDACTED}" in r.query for r in sim.requests)
 
 
 async def test_record_file_survives_the_server(
@@ -824,7 +824,7 @@ async def test_logs_never_show_tokens(make_sim: MakeSim, http: aiohttp.ClientSes
 
 
 def test_redact() -> None:
-    assert redact("GET /x?token=abc&v1=1 Token=def") == "GET /x?token=<redacted>&v1=1 Token=<redacted>"
+    assert redact("GET /x?token=abc&v1=1 Token=def") == f"GET /x?token={REDACTED}&v1=1 Token={REDACTED}"
 
 
 def test_aiohttp_server_log_records_are_redacted() -> None:
@@ -836,7 +836,7 @@ def test_aiohttp_server_log_records_are_redacted() -> None:
     assert logger.filter(record)
     text = logging.Formatter().format(record)
     assert "abc" not in text and "def" not in text
-    assert "token=<redacted>" in text
+    assert f"token={REDACTED}" in text
 
 
 # --- pure value parsing ------------------------------------------------------------------------
