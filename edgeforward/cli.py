@@ -68,14 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--delimiter", default=",", help="field separator (default ,)")
 
     cloudsim = commands.add_parser("cloudsim", help="a local Blynk-compatible device API server")
-    cloudsim.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
+    cloudsim.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8080)"
+    )
     cloudsim.add_argument(
         "--devices",
         type=Path,
+        metavar="FILE",
         help='devices file: JSON {"TOKEN": {"name": "pump", "pins": {"v1": "double"}}} or an edgeforward config',
     )
     cloudsim.add_argument("--any-token", action="store_true", help="accept every token (pins of any type)")
-    cloudsim.add_argument("--record", type=Path, help="append every accepted point to this JSON-lines file")
+    cloudsim.add_argument(
+        "--record", type=Path, metavar="FILE", help="append every accepted point to this JSON-lines file"
+    )
     cloudsim.add_argument("--batch-max-points", type=int, default=10_000)
     cloudsim.add_argument("--max-request-bytes", type=int, default=2_000_000)
     cloudsim.add_argument("--points-per-day", type=int, default=0, help="0 = unlimited")
@@ -84,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloudsim.add_argument("--fault", default="", help="random faults per request, e.g. 500:0.1,429:0.05,reset:0.02")
     cloudsim.add_argument("--seed", type=int, help="seed of the random faults")
     cloudsim.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of 429 answers, seconds")
-    cloudsim.add_argument("--tls-cert", type=Path, help="serve https with this certificate (PEM)")
-    cloudsim.add_argument("--tls-key", type=Path, help="its private key, if not in the certificate file")
+    cloudsim.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve https with this certificate (PEM)")
+    cloudsim.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key, if not in the certificate file")
     cloudsim.add_argument("--max-age-days", type=float, default=0, help="0 = no check")
 
     demo = commands.add_parser("demo", help="a self-contained demonstration on this machine (no hardware)")

@@ -56,6 +56,8 @@ import serial
 import structlog
 from serial.urlhandler.protocol_socket import Serial as SocketSerial
 
+from .errors import EdgeforwardError
+
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 2.0
 RECONNECT_FACTOR: Final = 2.0
@@ -136,7 +138,7 @@ overlong, no line of this open carries ``first``.
 """
 
 
-class SerialSourceError(Exception):
+class SerialSourceError(EdgeforwardError):
     """Root of the errors of this module."""
 
 

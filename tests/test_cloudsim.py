@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -1042,3 +1044,53 @@ async def test_wait_points(sim: CloudSim, http: aiohttp.ClientSession) -> None:
     assert len(await waiter) == 2
     with pytest.raises(TimeoutError):
         await sim.wait_points(3, within_s=0.05)
+
+
+# --- long runs and the command line ------------------------------------------------------------
+
+
+async def test_the_request_log_is_bounded_and_stats_count_every_request(http: aiohttp.ClientSession) -> None:
+    sim = CloudSim(accept_any_token=True, request_log_max=3)
+    await sim.start()
+    try:
+        for value in range(5):
+            assert (await call(http, sim, "GET", f"/external/api/update?token={PUMP}&v1={value}"))[0] == 200
+        status, body = await call(http, sim, "GET", "/_sim/stats")
+    finally:
+        await sim.stop()
+    assert [record.query.rsplit("=", 1)[1] for record in sim.requests] == ["2", "3", "4"]  # the newest kept
+    stats = json.loads(body)
+    assert (status, stats["requests"], stats["by_status"]) == (200, 5, {"200": 5})
+    assert len(sim.points()) == 5  # accepted points are what tests read: all kept
+    with pytest.raises(SimError):
+        CloudSim(request_log_max=0)
+
+
+@pytest.mark.parametrize("listen", ["8080", "127.0.0.1:99999", "localhost:abc", "in use"])
+def test_cloudsim_bad_listen_is_one_line_and_exit_2(listen: str) -> None:
+    from .conftest import edgeforward
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if listen == "in use":
+            listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = edgeforward("cloudsim", "--listen", listen)
+    assert result.returncode == 2
+    assert result.stderr.startswith("cloudsim: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_cloudsim_devices_help_shows_a_shape_it_accepts(tmp_path: Path) -> None:
+    from .conftest import edgeforward
+
+    result = edgeforward("cloudsim", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    start = text.rindex("--devices FILE") + len("--devices FILE")  # its help, after the usage line
+    shape = re.search(r"\{.*?\}\s*\}\s*\}", text[start:])
+    assert shape is not None, text
+    path = tmp_path / "devices.json"
+    path.write_text(shape.group(0))
+    devices = devices_from_file(path)
+    assert [(d.name, dict(d.pins)) for d in devices] == [("pump", {1: PinType.DOUBLE})]
