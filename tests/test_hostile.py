@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -290,9 +291,13 @@ def test_a_fatal_exception_group_is_logged_each_redacted_and_exits_1(
     monkeypatch.setattr(forwarder.Forwarder, "run", forwarder_fails)
     monkeypatch.setattr(clock.ClockWatcher, "run", clock_fails)
     config = write_config(tmp_path, "http://127.0.0.1:9", [], [PUMP])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         assert cli.main(["run", "--config", str(config)]) == cli.EXIT_FATAL
-    finally:
+    finally:  # the daemon's logging wrote to this test's captured stdout: give later tests theirs back
+        root.handlers[:] = handlers
+        root.setLevel(level)
         structlog.reset_defaults()
     out, err = capsys.readouterr()
     assert err == "" and TOKEN not in out
