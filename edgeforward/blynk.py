@@ -6,33 +6,53 @@ import asyncio
 import collections
 import contextlib
 import enum
-from collections.abc import Awaitable, Callable, Sequence
-from urllib.parse import quote, urlsplit
+import math
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
+import structlog
 from yarl import URL
 
+from .errors import EdgeforwardError, redacted_cause
 from .points import Value, encode_query_value, pin_name, query_values
+from .redact import redact
+from .servers import ServerError, redirect_target, server_origin
 from .timebase import SYSTEM_CLOCK, Clock
+
+log = structlog.get_logger(__name__)
 
 API_PATH = "/external/api/"
 MAX_REDIRECTS = 3
+FOLLOWED_REDIRECTS = frozenset({301, 302, 307, 308})
 RATE_WINDOW_S = 1.0
 RATE_MARGIN_S = 0.05
 ERROR_BODY_MAX_BYTES = 4096
+ANSWER_BODY_MAX_BYTES = 4096  # a 200 answer is "OK", "true" or a few values: never read more
+RETRY_AFTER_MAX_S = 3600.0  # a longer (or endless) Retry-After would silence a device for good
+HTTP_CONNECTIONS = 8
+DNS_CACHE_S = 300
 
 
-class CloudError(Exception):
+class CloudError(EdgeforwardError):
     """Root of every failure to get a request accepted by the cloud."""
 
 
 class TransientError(CloudError):
-    """The cloud could not be reached or asked us to come back later (retry with backoff)."""
+    """The cloud could not be reached or asked us to come back later (retry with backoff).
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
+    The message is redacted when built: the forwarder stores it as the device's reason.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, secrets: Iterable[str] = ()) -> None:
+        super().__init__(redact(message, secrets))
         self.retry_after_s = retry_after_s
+
+
+class RedirectError(TransientError):
+    """The cloud redirected to a server that is not followed; the device keeps its server and its points."""
 
 
 class Refusal(enum.Enum):
@@ -49,7 +69,8 @@ class Refusal(enum.Enum):
 class RefusedError(CloudError):
     """The cloud answered and refused the request; `refusal` says why."""
 
-    def __init__(self, refusal: Refusal, message: str, status: int) -> None:
+    def __init__(self, refusal: Refusal, message: str, status: int, *, secrets: Iterable[str] = ()) -> None:
+        message = redact(message, secrets)
         super().__init__(f"{status} {message}")
         self.refusal = refusal
         self.message = message
@@ -109,8 +130,36 @@ RedirectHandler = Callable[[str], Awaitable[None]]
 AttemptHandler = Callable[[int], Awaitable[None]]
 
 
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """Return the TLS context: system trust roots, plus the configured extra root."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def open_session(
+    ca_file: str | None, *, headers: Mapping[str, str] | None = None, connections: int = HTTP_CONNECTIONS
+) -> aiohttp.ClientSession:
+    """Return the HTTP session every request to the cloud goes through (use it as a context manager)."""
+    connector = aiohttp.TCPConnector(ssl=ssl_context(ca_file), limit=connections, ttl_dns_cache=DNS_CACHE_S)
+    session = aiohttp.ClientSession(connector=connector, headers=headers)
+    # aiohttp silently resends a GET once after a reset: a live value the cloud may already have taken would
+    # arrive twice. Retries are the forwarder's decision, never the library's. aiohttp has no public option
+    # (aio-libs/aiohttp#10790); tests/test_hostile.py proves the suppression against a resetting server.
+    if not hasattr(session, "_retry_connection"):
+        log.warning("aiohttp_retry_suppression_unavailable", aiohttp=aiohttp.__version__)
+    session._retry_connection = False
+    return session
+
+
 class BlynkClient:
-    """Requests of one device (one token) to the Blynk device HTTPS API."""
+    """Requests of one device (one token) to the Blynk device HTTPS API.
+
+    `server` is the server to use now (the configured one or a remembered redirect); `configured_server`
+    (default: `server`) decides whether a redirect to plain http is allowed. An invalid `server` raises
+    ServerError: config and the buffer only ever hand out servers that passed `servers.server_origin`.
+    """
 
     def __init__(
         self,
@@ -123,10 +172,14 @@ class BlynkClient:
         on_redirect: RedirectHandler | None = None,
         on_attempt: AttemptHandler | None = None,
         on_refund: AttemptHandler | None = None,
+        configured_server: str | None = None,
     ) -> None:
         self._session = session
         self.server = server.rstrip("/")
+        server_origin(self.server)
+        self._configured = (configured_server or server).rstrip("/")
         self._token = token
+        self._secrets = (token,)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._limiter = limiter
         self._on_redirect = on_redirect
@@ -162,44 +215,57 @@ class BlynkClient:
         headers = {"Content-Type": "application/json"} if body is not None else None
         server = self.server
         counted = points  # points counted against the budget and not yet imported by the cloud
+        secrets = self._secrets
         for _ in range(MAX_REDIRECTS + 1):
             params = f"token={quote(self._token, safe='')}" + (f"&{query}" if query else "")
-            url = URL(f"{server}{API_PATH}{endpoint}?{params}", encoded=True)
             if self._on_attempt is not None:
                 await self._on_attempt(points)
                 points = 0
             await self._limiter.acquire()
             self.requests += 1
+            location: str | None = None
             try:
+                url = URL(f"{server}{API_PATH}{endpoint}?{params}", encoded=True)
                 async with self._session.request(
                     method, url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
                 ) as response:
-                    if response.status == 200:
-                        return (await response.read()).decode("utf-8", "replace")
-                    location = response.headers.get("Location")
-                    redirect = response.status in (301, 302, 307, 308) and location
-                    if not redirect:
+                    status = response.status
+                    if status == 200:
+                        raw = await response.content.read(ANSWER_BODY_MAX_BYTES)
+                        return raw.decode("utf-8", "replace")
+                    if 300 <= status < 400:
+                        location = response.headers.get("Location")
+                    else:
                         text = await _error_text(response)
-                        status = response.status
                         retry_after = _retry_after(response.headers.get("Retry-After"))
-            except aiohttp.ClientConnectorError as exc:
+            except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:
                 await self._refund(counted)  # never reached the cloud: nothing was imported
-                raise TransientError(_describe(exc)) from None
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise TransientError(_describe(exc), secrets=secrets) from redacted_cause(exc, secrets)
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 # The cloud may have imported the points before the answer was lost: keep them counted.
-                raise TransientError(_describe(exc)) from None
-            if redirect:
-                target = _origin(str(location), server)
-                if target.startswith("http://") and server.startswith("https://"):
-                    raise TransientError("refused a redirect from https to plain http")
+                raise TransientError(_describe(exc), secrets=secrets) from redacted_cause(exc, secrets)
+            if 300 <= status < 400:
+                try:
+                    target = self._redirect_target(status, location)
+                except ServerError as exc:
+                    await self._refund(counted)  # a redirect imports nothing
+                    raise RedirectError(f"refused a redirect ({status}): {exc}", secrets=secrets) from exc
                 await self._follow(target)
                 server = self.server
                 continue
             await self._refund(counted)  # an error answer imports nothing
             if status == 429 or status >= 500:
-                raise TransientError(f"{status} {text}".strip(), retry_after_s=retry_after)
-            raise RefusedError(classify(status, text), text, status)
-        raise TransientError(f"more than {MAX_REDIRECTS} redirects")
+                raise TransientError(f"{status} {text}".strip(), retry_after_s=retry_after, secrets=secrets)
+            raise RefusedError(classify(status, text), text, status, secrets=secrets)
+        await self._refund(counted)
+        raise RedirectError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _redirect_target(self, status: int, location: str | None) -> str:
+        if status not in FOLLOWED_REDIRECTS:
+            raise ServerError(f"{status} is not a redirect that is followed")
+        if not location:
+            raise ServerError("no Location")
+        return redirect_target(location, self._configured)
 
     async def _refund(self, points: int) -> None:
         if points and self._on_refund is not None:
@@ -227,16 +293,12 @@ def _retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
-
-
-def _origin(location: str, current: str) -> str:
-    parts = urlsplit(location)
-    if not parts.scheme or not parts.netloc:
-        return current
-    return f"{parts.scheme}://{parts.netloc}"
+    if not math.isfinite(seconds):
+        return None
+    return min(RETRY_AFTER_MAX_S, max(0.0, seconds))
 
 
 def _describe(exc: BaseException) -> str:

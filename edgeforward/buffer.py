@@ -19,7 +19,10 @@ import aiosqlite
 import msgspec
 import structlog
 
+from .errors import EdgeforwardError
 from .points import Point, value_json
+from .redact import redact
+from .servers import ServerError, remembered_target
 from .timebase import utc_day, utc_month
 
 log = structlog.get_logger(__name__)
@@ -150,7 +153,7 @@ _SCHEMA += _HELD_SCHEMA
 DeliveryPath = Literal["live", "history"]
 
 
-class BufferError(Exception):
+class BufferError(EdgeforwardError):
     """Root of the buffer's errors."""
 
 
@@ -741,7 +744,7 @@ class Buffer:
             count = await self._delete_ids(conn, [p.id for p in points])
             await conn.executemany(
                 "INSERT INTO deadletter (device_id, pin, ts, value, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
-                [(device_id, p.pin, p.ts_ms, p.value_json, reason, now_ms) for p in points],
+                [(device_id, p.pin, p.ts_ms, p.value_json, redact(reason), now_ms) for p in points],
             )
             if count:
                 await self._add_ledger(conn, device_id, queued=-count, rejected=count)
@@ -886,18 +889,33 @@ class Buffer:
                 "since = CASE WHEN state = excluded.state THEN since ELSE excluded.since END, "
                 "state = excluded.state, reason = excluded.reason, "
                 "last_success = COALESCE(excluded.last_success, last_success)",
-                (device_id, state, reason, now_ms, success_ms),
+                (device_id, state, None if reason is None else redact(reason), now_ms, success_ms),
             )
 
         await self.run_op(op)
 
-    async def remembered_server(self, token: str) -> str | None:
-        """Return the regional server the cloud redirected this token to, if any."""
+    async def remembered_server(self, token: str, configured: str | None = None) -> str | None:
+        """Return the server the cloud redirected this token to, if any; one no longer fit to use is forgotten."""
         async with self._reader().execute(
             "SELECT server FROM servers WHERE token_hash = ?", (token_hash(token),)
         ) as cursor:
             row = await cursor.fetchone()
-        return str(row[0]) if row else None
+        if row is None:
+            return None
+        try:
+            return remembered_target(str(row[0]), configured)
+        except ServerError as exc:
+            log.warning("remembered_server_forgotten", reason=str(exc))
+            await self.forget_server(token)
+            return None
+
+    async def forget_server(self, token: str) -> None:
+        """Forget the regional server remembered for this token."""
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute("DELETE FROM servers WHERE token_hash = ?", (token_hash(token),))
+
+        await self.run_op(op)
 
     async def remember_server(self, token: str, server: str) -> None:
         """Remember the regional server for this token across restarts."""
@@ -912,7 +930,7 @@ class Buffer:
     async def save_ports(self, rows: Iterable[tuple[str, str, int, int, int, int, str]]) -> None:
         """Store a snapshot of the ports' state and counters for `status`."""
         now_ms = time.time_ns() // 1_000_000
-        values = [(*row, now_ms) for row in rows]
+        values = [(*row[:6], redact(row[6]), now_ms) for row in rows]
 
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.executemany(

@@ -10,12 +10,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from . import __version__
 from .config import Config, ConfigError, config_path, load_config
+from .errors import EdgeforwardError
 from .logs import configure_logging, journal_priority, writes_to_journal
+from .redact import add_secrets, redact, redact_value
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -66,10 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--delimiter", default=",", help="field separator (default ,)")
 
     cloudsim = commands.add_parser("cloudsim", help="a local Blynk-compatible device API server")
-    cloudsim.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
-    cloudsim.add_argument("--devices", type=Path, help="devices file: JSON {token: {pins}} or an edgeforward config")
+    cloudsim.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8080)"
+    )
+    cloudsim.add_argument(
+        "--devices",
+        type=Path,
+        metavar="FILE",
+        help='devices file: JSON {"TOKEN": {"name": "pump", "pins": {"v1": "double"}}} or an edgeforward config',
+    )
     cloudsim.add_argument("--any-token", action="store_true", help="accept every token (pins of any type)")
-    cloudsim.add_argument("--record", type=Path, help="append every accepted point to this JSON-lines file")
+    cloudsim.add_argument(
+        "--record", type=Path, metavar="FILE", help="append every accepted point to this JSON-lines file"
+    )
     cloudsim.add_argument("--batch-max-points", type=int, default=10_000)
     cloudsim.add_argument("--max-request-bytes", type=int, default=2_000_000)
     cloudsim.add_argument("--points-per-day", type=int, default=0, help="0 = unlimited")
@@ -78,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloudsim.add_argument("--fault", default="", help="random faults per request, e.g. 500:0.1,429:0.05,reset:0.02")
     cloudsim.add_argument("--seed", type=int, help="seed of the random faults")
     cloudsim.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of 429 answers, seconds")
-    cloudsim.add_argument("--tls-cert", type=Path, help="serve https with this certificate (PEM)")
-    cloudsim.add_argument("--tls-key", type=Path, help="its private key, if not in the certificate file")
+    cloudsim.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve https with this certificate (PEM)")
+    cloudsim.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key, if not in the certificate file")
     cloudsim.add_argument("--max-age-days", type=float, default=0, help="0 = no check")
 
     demo = commands.add_parser("demo", help="a self-contained demonstration on this machine (no hardware)")
@@ -125,32 +137,47 @@ def _load(args: argparse.Namespace, *, read_tokens: bool = True) -> Config:
 def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.log.level, config.log.format, secrets=config.tokens, stream=sys.stdout)
-    from .buffer import BufferError
     from .daemon import run_daemon
 
     try:
         asyncio.run(run_daemon(config))
-    except BufferError as exc:
-        log.error("fatal", error=str(exc))
-        return EXIT_FATAL
-    except OSError as exc:
-        log.error("fatal", error=str(exc))
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (every fatal error is logged, redacted; never a raw traceback)
+        log_fatal(exc)
         return EXIT_FATAL
     return EXIT_OK
+
+
+def log_fatal(exc: BaseException) -> None:
+    """Log a fatal error through the redacting logger: each error of an ExceptionGroup on its own line."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            log_fatal(inner)
+        return
+    error = redact(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, EdgeforwardError | OSError):
+        log.error("fatal", error=error)  # an expected kind of failure: its text says it all
+    else:
+        log.error("fatal", error=error, exc_info=exc)
 
 
 def _check_config(args: argparse.Namespace) -> int:
     # Offline, tokens are checked for form only: their files and credentials may exist only for the service.
     config = _load(args, read_tokens=args.online)
-    print(f"{config.path}: ok ({len(config.devices)} devices, {len(config.ports)} ports)")
+    add_secrets(config.tokens)
+    print(redact(f"{config.path}: ok ({len(config.devices)} devices, {len(config.ports)} ports)"))
     if not args.online:
         print("tokens were not read: check-config --online reads them and asks the cloud whether it accepts each")
         return EXIT_OK
     from .online import check_online
 
-    problems = asyncio.run(check_online(config))
+    try:
+        problems = asyncio.run(check_online(config))
+    except (EdgeforwardError, OSError) as exc:
+        problems = [f"cannot check online: {type(exc).__name__}: {exc}"]
     for problem in problems:
-        print(problem, file=sys.stderr)
+        print(redact(problem), file=sys.stderr)
     return EXIT_FATAL if problems else EXIT_OK
 
 
@@ -161,17 +188,23 @@ def _status(args: argparse.Namespace) -> int:
     from .status import read_status, render_status, status_view
 
     config = _load(args, read_tokens=False)
+    add_secrets(config.tokens)
+
+    def current() -> dict[str, Any]:
+        status: dict[str, Any] = redact_value(read_status(config))
+        return status
+
     if args.json:
-        print(json.dumps(read_status(config), indent=2))
+        print(json.dumps(current(), indent=2))
         return EXIT_OK
     console = Console()
     if not args.watch:
-        render_status(read_status(config), console)
+        render_status(current(), console)
         return EXIT_OK
-    with Live(status_view(read_status(config)), console=console, auto_refresh=False) as live:
+    with Live(status_view(current()), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(WATCH_INTERVAL_S)
-            live.update(status_view(read_status(config)), refresh=True)
+            live.update(status_view(current()), refresh=True)
 
 
 def _deadletter(args: argparse.Namespace) -> int:
@@ -203,38 +236,51 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _cloudsim(args: argparse.Namespace) -> int:
-    from .cloudsim import SimError, SimLimits, devices_from_file, parse_fault_rates, serve, server_ssl_context
+    from .cloudsim import (
+        SimError,
+        SimLimits,
+        devices_from_file,
+        parse_fault_rates,
+        serve,
+        server_ssl_context,
+        split_listen,
+    )
 
     configure_logging("info", "auto")
     try:
         devices = devices_from_file(args.devices) if args.devices else []
         faults = parse_fault_rates(args.fault) if args.fault else {}
         tls = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        limits = SimLimits(
+            batch_max_points=args.batch_max_points,
+            max_request_bytes=args.max_request_bytes,
+            points_per_day=args.points_per_day,
+            messages_per_month=args.messages_per_month,
+            requests_per_second=args.requests_per_second,
+            max_age_days=args.max_age_days,
+        )
+        split_listen(args.listen)  # a bad --listen is one line before anything starts
     except SimError as exc:
         print(f"cloudsim: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    limits = SimLimits(
-        batch_max_points=args.batch_max_points,
-        max_request_bytes=args.max_request_bytes,
-        points_per_day=args.points_per_day,
-        messages_per_month=args.messages_per_month,
-        requests_per_second=args.requests_per_second,
-        max_age_days=args.max_age_days,
-    )
     accept_any = args.any_token or not devices
-    asyncio.run(
-        serve(
-            args.listen,
-            devices,
-            limits,
-            accept_any,
-            args.record,
-            fault_rates=faults,
-            seed=args.seed,
-            retry_after_s=args.retry_after,
-            ssl_context=tls,
+    try:
+        asyncio.run(
+            serve(
+                args.listen,
+                devices,
+                limits,
+                accept_any,
+                args.record,
+                fault_rates=faults,
+                seed=args.seed,
+                retry_after_s=args.retry_after,
+                ssl_context=tls,
+            )
         )
-    )
+    except SimError as exc:
+        print(f"cloudsim: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import glob
 import json
 import sys
@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 
@@ -112,14 +112,22 @@ class _Timex(ctypes.Structure):
     )
 
 
-def read_adjtimex() -> KernelSync | None:
-    """Ask the kernel (read-only, modes=0) whether the clock is synchronized; None where it cannot be asked."""
+@functools.cache
+def _adjtimex() -> Callable[[Any], int] | None:
+    """libc's adjtimex, loaded once: the process's own symbols (no find_library, which spawns ldconfig)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        adjtimex = libc.adjtimex
+        function: Callable[[Any], int] = ctypes.CDLL(None, use_errno=True).adjtimex
     except (OSError, AttributeError):
+        return None
+    return function
+
+
+def read_adjtimex() -> KernelSync | None:
+    """Ask the kernel (read-only, modes=0) whether the clock is synchronized; None where it cannot be asked."""
+    adjtimex = _adjtimex()
+    if adjtimex is None:
         return None
     timex = _Timex()
     timex.modes = 0

@@ -25,7 +25,9 @@ from aiohttp import web
 
 from .config import ConfigError, Limits, load_config
 from .config import split_listen as config_split_listen
+from .errors import EdgeforwardError
 from .points import PIN_COUNT, STRING_MAX_BYTES, PinType, Value, parse_pin_name
+from .redact import redact
 
 _log = structlog.get_logger(__name__)
 
@@ -40,6 +42,7 @@ MAX_URL_BYTES: Final = 65_536  # request line limit (aiohttp's default of 8190 i
 STOP_GRACE_S: Final = 1.0  # how long stop() lets running handlers finish
 HANG_POLL_S: Final = 0.05  # how often a hung request checks whether its client gave up
 WAIT_TIMEOUT_S: Final = 5.0
+REQUEST_LOG_MAX: Final = 100_000  # requests kept in `requests` (the newest); /_sim/stats counts them all
 READ_CHUNK_BYTES: Final = 65_536
 INT_MIN: Final = -(2**63)
 INT_MAX: Final = 2**63 - 1
@@ -70,12 +73,11 @@ PATH_HISTORY: Final = "history"
 
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_TOKEN_RE = re.compile(r"(?i)(token=)[^&\s\"'#]*")
 
 Bounds = tuple[float | None, float | None]
 
 
-class SimError(Exception):
+class SimError(EdgeforwardError):
     """Root of cloudsim's errors (bad devices file, bad settings, cannot listen)."""
 
 
@@ -164,11 +166,6 @@ class _TokenState:
     window: collections.deque[int] = field(default_factory=collections.deque)
     last_write_ms: int | None = None
     latest: dict[int, tuple[int, Value]] = field(default_factory=dict)
-
-
-def redact(text: str) -> str:
-    """Replace every `token=...` value in text."""
-    return _TOKEN_RE.sub(r"\1<redacted>", text)
 
 
 def token_label(token: str, name: str = "") -> str:
@@ -442,6 +439,7 @@ class CloudSim:
         fault_rates: Mapping[str, float] | None = None,
         seed: int | None = None,
         retry_after_s: float = RETRY_AFTER_S,
+        request_log_max: int = REQUEST_LOG_MAX,
     ) -> None:
         """Set up the application; start() begins listening."""
         self._devices: dict[str, SimDevice] = {}
@@ -456,7 +454,12 @@ class CloudSim:
                 raise SimError(f"redirect target must be an http(s) base URL, got {target!r}")
         self.record_path = record_path
         self.received: list[Received] = []
-        self.requests: list[SimRequest] = []
+        if request_log_max < 1:
+            raise SimError(f"request_log_max must be at least 1, got {request_log_max}")
+        self.requests: collections.deque[SimRequest] = collections.deque(maxlen=request_log_max)
+        self._request_total = 0
+        self._by_endpoint: dict[str, dict[str, int]] = {}
+        self._by_status: dict[str, int] = {}
         self.url: str | None = None
         self._outage: str | None = None
         self._fault_rates = check_fault_rates(fault_rates or {})
@@ -933,6 +936,11 @@ class CloudSim:
 
     def _note(self, record: SimRequest) -> None:
         self.requests.append(record)
+        self._request_total += 1
+        status = str(record.status)
+        counts = self._by_endpoint.setdefault(f"{record.method} {record.endpoint}", {})
+        counts[status] = counts.get(status, 0) + 1
+        self._by_status[status] = self._by_status.get(status, 0) + 1
         _log.info(
             "cloudsim request",
             method=record.method,
@@ -994,13 +1002,6 @@ class CloudSim:
         return web.Response(body=_json_bytes(listed), content_type="application/json")
 
     async def _control_stats(self, _request: web.Request) -> web.Response:
-        by_endpoint: dict[str, dict[str, int]] = {}
-        by_status: dict[str, int] = {}
-        for record in self.requests:
-            status = str(record.status)
-            counts = by_endpoint.setdefault(f"{record.method} {record.endpoint}", {})
-            counts[status] = counts.get(status, 0) + 1
-            by_status[status] = by_status.get(status, 0) + 1
         points: dict[str, int] = {PATH_LIVE: 0, PATH_UPDATE: 0, PATH_HISTORY: 0}
         for point in self.received:
             points[point.path] += 1
@@ -1012,9 +1013,9 @@ class CloudSim:
                 "points_today": usage.points_today,
             }
         stats = {
-            "requests": len(self.requests),
-            "by_endpoint": by_endpoint,
-            "by_status": by_status,
+            "requests": self._request_total,
+            "by_endpoint": self._by_endpoint,
+            "by_status": self._by_status,
             "points": points,
             "devices": devices,
             "outage": self._outage or "off",

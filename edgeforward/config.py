@@ -9,12 +9,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
+from .errors import EdgeforwardError
 from .points import PIN_TYPE_NAMES, PinType, parse_pin_name
+from .redact import redact
+from .servers import ServerError, server_origin
 
 T = TypeVar("T")
 
@@ -29,7 +31,7 @@ PositiveFloat = Annotated[float, Meta(gt=0)]
 NonNegativeFloat = Annotated[float, Meta(ge=0)]
 
 
-class ConfigError(Exception):
+class ConfigError(EdgeforwardError):
     """The configuration is invalid; `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -492,11 +494,10 @@ def _resolve(base: Path, value: str) -> Path:
 
 
 def _check_server(server: str, problems: list[str]) -> None:
-    parts = urlsplit(server)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append(f'cloud.server: expected "https://host[:port]", got "{server}"')
-    elif parts.path not in ("", "/") or parts.query:
-        problems.append(f'cloud.server: give scheme://host[:port] only, got "{server}"')
+    try:
+        server_origin(server)
+    except ServerError as exc:
+        problems.append(f'cloud.server: expected "https://host[:port]", got "{redact(server)}": {exc}')
 
 
 def _split_listen(listen: str, *, any_port: bool = False) -> tuple[str, int] | None:

@@ -9,16 +9,15 @@ import dataclasses
 import json
 import os
 import signal
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import structlog
 
 from . import __version__
+from .blynk import open_session
 from .buffer import Buffer, Committed
 from .clock import UNKNOWN_FUTURE_MS, ClockWatcher
 from .config import Config, PortConfig
@@ -40,7 +39,6 @@ M_ARENA_MAX = -8  # glibc mallopt parameter
 MALLOC_ARENAS = 2
 SNAPSHOT_INTERVAL_S = 5.0  # port counters for status; each changed snapshot is a commit (SD wear, idle CPU)
 BAD_LINES_LOGGED_PER_MINUTE = 5
-HTTP_CONNECTIONS = 8
 
 
 def now_ms() -> int:
@@ -210,14 +208,6 @@ def _added(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
     return {key: before.get(key, 0) + now.get(key, 0) for key in sorted(before.keys() | now.keys())}
 
 
-def ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """Return the TLS context: system trust roots, plus the configured extra root."""
-    context = ssl.create_default_context()
-    if ca_file:
-        context.load_verify_locations(cafile=ca_file)
-    return context
-
-
 class Daemon:
     """Everything `edgeforward run` does, from open to orderly stop."""
 
@@ -263,14 +253,8 @@ class Daemon:
             for pipeline in self.pipelines:
                 pipeline.restore(saved.get(pipeline.port.path))
             await self.clock.load(self.buffer)
-            connector = aiohttp.TCPConnector(
-                ssl=ssl_context(self.config.cloud.ca_file), limit=HTTP_CONNECTIONS, ttl_dns_cache=300
-            )
             headers = {"User-Agent": f"edgeforward/{__version__}"}
-            async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-                # aiohttp silently resends a GET once after a reset: a live value the cloud may already have
-                # taken would arrive twice. Retries are the forwarder's decision, never the library's.
-                session._retry_connection = False
+            async with open_session(self.config.cloud.ca_file, headers=headers) as session:
                 peers = Peers()
                 for device in self.config.devices:
                     self.forwarders[device.name] = Forwarder(

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .buffer import Buffer
 from .config import Config
+from .errors import EdgeforwardError
 from .lines import MIN_TS_MS, MS_PER_DAY, CsvParser, ParseContext, Reading, Rejected
 from .points import Point, parse_pin_name
 
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS import_seen (
 """
 
 
-class BackfillError(Exception):
+class BackfillError(EdgeforwardError):
     """Root of the importer's errors: a file that cannot be imported at all, or bad options."""
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Iterable, Mapping, MutableMapping
@@ -12,10 +11,7 @@ from typing import Any, TextIO
 
 import structlog
 
-REDACTED = "***"
-_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
-
-_secrets: tuple[str, ...] = ()
+from .redact import REDACTED, add_secrets, redact, redact_value
 
 JOURNAL_STREAM_ENV = "JOURNAL_STREAM"  # "DEVICE:INODE" of the journal's stream socket (systemd.exec(5))
 # sd-daemon(3) priorities by level: journald takes a leading "<N>" as the line's priority and strips it.
@@ -47,33 +43,22 @@ class _JournalFormatter(structlog.stdlib.ProcessorFormatter):
         return f"<{journal_priority(record.levelno)}>{super().format(record)}"
 
 
-def redact(text: str) -> str:
-    """Remove every known token and every `token=` query value from a text."""
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return _TOKEN_IN_TEXT.sub(r"\1" + REDACTED, text)
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {key: _redact_value(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_redact_value(item) for item in value)
-    if isinstance(value, BaseException):
-        return redact(f"{type(value).__name__}: {value}")
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return redact(str(value))
+__all__ = [
+    "REDACTED",
+    "Throttle",
+    "configure_logging",
+    "journal_priority",
+    "redact",
+    "redact_processor",
+    "writes_to_journal",
+]
 
 
 def redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: redact secrets in every value of the event."""
     for key, value in list(event_dict.items()):
         if not key.startswith("_"):
-            event_dict[key] = _redact_value(value)
+            event_dict[key] = redact_value(value)
     return event_dict
 
 
@@ -85,8 +70,7 @@ def configure_logging(
     stream: TextIO | None = None,
 ) -> None:
     """Route structlog and stdlib logging through one redacting renderer."""
-    global _secrets  # noqa: PLW0603 (one process-wide set of secrets, set once at start)
-    _secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+    add_secrets(secrets)
     out = stream or sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (

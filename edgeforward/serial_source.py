@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import enum
 import glob
@@ -55,6 +56,7 @@ import structlog
 from serial.urlhandler.protocol_socket import Serial as SocketSerial
 
 from .backoff import Backoff
+from .errors import EdgeforwardError
 
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 2.0
@@ -135,7 +137,7 @@ overlong, no line of this open carries ``first``.
 """
 
 
-class SerialSourceError(Exception):
+class SerialSourceError(EdgeforwardError):
     """Root of the errors of this module."""
 
 
@@ -448,17 +450,23 @@ class _FdLink(_Link):
 
 
 class _ThreadLink(_Link):
-    """A port without a usable fd, read by a thread doing blocking reads with a timeout."""
+    """A port without a usable fd: a thread does blocking reads with a timeout, another the blocking writes."""
 
     def __init__(self, port: serial.Serial, framer: LineFramer, name: str) -> None:
         super().__init__(port, framer)
         self._stop = threading.Event()
         self._finished: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._read_loop, name=name, daemon=True)
+        # pyserial's rfc2217 write is a blocking sendall (up to its 5 s socket timeout): never on the loop.
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_bytes = 0
+        self._out_ready = threading.Condition()
+        self._writer = threading.Thread(target=self._write_loop, name=f"{name} writer", daemon=True)
 
     def start(self) -> None:
-        """Start the reader thread."""
+        """Start the reader and writer threads."""
         self._thread.start()
+        self._writer.start()
 
     def _post(self, callback: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is already closed
@@ -486,19 +494,39 @@ class _ThreadLink(_Link):
         self._fail(PortGone("reader stopped"))
 
     def write(self, data: bytes) -> bool:
-        """Write through pyserial (bounded by URL_WRITE_TIMEOUT_S)."""
+        """Hand data to the link's writer thread; False if the link is closing or too much is pending."""
         if self._stop.is_set() or self.lost.done():
             return False
-        try:
-            written = self.port.write(data)
-        except (OSError, ValueError) as exc:
-            log.debug("serial write failed", error=str(exc))
-            return False
-        return written is None or written == len(data)
+        with self._out_ready:
+            if self._out_bytes + len(data) > MAX_PENDING_WRITE_BYTES:
+                return False
+            self._out.append(data)
+            self._out_bytes += len(data)
+            self._out_ready.notify()
+        return True
+
+    def _write_loop(self) -> None:
+        port = self.port
+        while True:
+            with self._out_ready:
+                while not self._out and not self._stop.is_set():
+                    self._out_ready.wait()
+                if self._stop.is_set():
+                    return
+                data = self._out.popleft()
+            try:
+                port.write(data)
+            except Exception as exc:  # noqa: BLE001 - a URL handler's failure: the reader notices the port is gone
+                log.debug("serial write failed", error=str(exc))
+            finally:
+                with self._out_ready:
+                    self._out_bytes -= len(data)
 
     async def close(self) -> None:
-        """Stop the reader thread (waiting briefly), then close the port."""
+        """Stop the reader thread (waiting briefly) and the writer, then close the port."""
         self._stop.set()
+        with self._out_ready:
+            self._out_ready.notify()  # the writer drops what is still pending and ends
         cancel_read = getattr(self.port, "cancel_read", None)
         if cancel_read is not None:
             with contextlib.suppress(OSError, ValueError, NotImplementedError):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeforward.blynk import BlynkClient, RateLimiter, Refusal, RefusedError, TransientError, classify
+from edgeforward.blynk import BlynkClient, RateLimiter, RedirectError, Refusal, RefusedError, TransientError, classify
 from edgeforward.buffer import QueuedPoint
 from edgeforward.cloudsim import CloudSim, SimDevice, SimLimits
 from edgeforward.forward.history import build_history_batch
@@ -143,10 +143,12 @@ async def test_rate_limiter_sliding_window() -> None:
 async def test_redirect_to_plain_http_refused_for_https(session: aiohttp.ClientSession) -> None:
     home = CloudSim(redirects={TOKEN: "http://127.0.0.1:9"}, accept_any_token=True)
     url = await home.start()
-    api = client(session, url)
-    api.server = url.replace("http://", "https://")  # pretend the configured server was https
-    with pytest.raises(TransientError):
+    api = BlynkClient(
+        session, url, TOKEN, timeout_s=SAFE_TIMEOUT_S, limiter=RateLimiter(50), configured_server="https://blynk.cloud"
+    )
+    with pytest.raises(RedirectError, match="downgrade"):
         await api.live([(1, 1.0)])
+    assert api.server == url and [r.status for r in home.requests] == [308]  # never followed
     await home.stop()
 
 

@@ -86,3 +86,22 @@ async def test_check_config_online_checks_ports_and_tokens(tmp_path: Path) -> No
     assert "device[1].token: the cloud refused it for fan: Invalid token." in result.stderr
     assert "ttyGONE: no device found" in result.stderr
     assert [p for p in cloud.points()] == []
+
+
+async def test_check_config_online_answers_hostile_servers_and_urls_in_one_line_each(tmp_path: Path) -> None:
+    from .conftest import TOKEN, write_config
+    from .hostile import HostileServer
+
+    server = await HostileServer(modes={TOKEN: "redirect_userinfo"}).start()
+    devices = [{"name": "pump", "token": TOKEN, "pins": {"v1": "double"}}]
+    config = write_config(tmp_path, server.url, [{"path": "socket://127.0.0.1:99999", "device": "pump"}], devices)
+    try:
+        result = await asyncio.to_thread(edgeforward, "check-config", "--online", "--config", str(config))
+    finally:
+        await server.stop()
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "port socket://127.0.0.1:99999: not a valid URL (host or port)",
+        f"cloud.server: cannot reach {server.url} for pump: refused a redirect (308): carries user credentials",
+    ]
+    assert TOKEN not in result.stdout + result.stderr and "token accepted" not in result.stdout

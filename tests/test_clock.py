@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import re
 import sqlite3
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -496,3 +499,28 @@ async def test_daemon_holds_until_trusted(
     status = daemon.status()["devices"]["pump"]
     assert status["received"] == 3 and status["queued"] == 0
     assert daemon.stop() == 0
+
+
+def test_libc_is_loaded_once_and_no_process_is_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
+    # read_adjtimex runs every second while the clock is untrusted (days on a Pi without network):
+    # ctypes.util.find_library would spawn /sbin/ldconfig -p each time.
+    read_adjtimex()
+    loads: list[object] = []
+    real_cdll = ctypes.CDLL
+
+    def counting_cdll(*args: Any, **kwargs: Any) -> ctypes.CDLL:
+        loads.append(args)
+        return real_cdll(*args, **kwargs)
+
+    def no_spawn(*args: Any, **_kwargs: Any) -> None:
+        raise AssertionError(f"spawned a process: {args!r}")
+
+    def no_find_library(name: str) -> None:
+        raise AssertionError(f"find_library({name!r}) called")
+
+    monkeypatch.setattr(ctypes, "CDLL", counting_cdll)
+    monkeypatch.setattr(subprocess, "Popen", no_spawn)
+    monkeypatch.setattr(ctypes.util, "find_library", no_find_library)
+    results = [read_adjtimex() for _ in range(5)]
+    assert loads == []
+    assert len({result is None for result in results}) == 1  # the same answer each time

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -38,12 +40,12 @@ from edgeforward.cloudsim import (
     parse_fault_rates,
     parse_json_value,
     parse_text_value,
-    redact,
     serve,
     split_listen,
 )
 from edgeforward.config import Limits
 from edgeforward.points import PinType, Value
+from edgeforward.redact import REDACTED, redact
 
 PUMP = "pumpTokenAAAAAAAAAAAAAAAAAAAAAAA"
 LOOSE = "looseTokenBBBBBBBBBBBBBBBBBBBBBB"
@@ -599,7 +601,7 @@ async def test_fault_modes_answer_every_api_request(
             assert response.headers.get("Retry-After") == ("1" if mode == "429" else None)
     assert sim.received == []
     assert sim.usage(PUMP).messages_this_month == 0  # a fault is not a counted message
-    assert [r.device for r in sim.requests[:2]] == ["pump", "loose"]
+    assert [r.device for r in list(sim.requests)[:2]] == ["pump", "loose"]
     assert {r.status for r in sim.requests} == {status}
     assert (await call(http, sim, "GET", "/_sim/stats"))[0] == 200  # never for control endpoints
     sim.outage = None
@@ -789,7 +791,7 @@ async def test_control_endpoints(sim: CloudSim, http: aiohttp.ClientSession) -> 
     assert (await call(http, sim, "POST", "/_sim/outage?mode=sideways"))[0] == 400
     assert (await call(http, sim, "POST", "/_sim/outage?mode=off"))[0] == 200
     assert sim.outage is None
-    assert all("token=<redacted>" in r.query for r in sim.requests)
+    assert all(f"token={REDACTED}" in r.query for r in sim.requests)
 
 
 async def test_record_file_survives_the_server(
@@ -824,7 +826,7 @@ async def test_logs_never_show_tokens(make_sim: MakeSim, http: aiohttp.ClientSes
 
 
 def test_redact() -> None:
-    assert redact("GET /x?token=abc&v1=1 Token=def") == "GET /x?token=<redacted>&v1=1 Token=<redacted>"
+    assert redact("GET /x?token=abc&v1=1 Token=def") == f"GET /x?token={REDACTED}&v1=1 Token={REDACTED}"
 
 
 def test_aiohttp_server_log_records_are_redacted() -> None:
@@ -836,7 +838,7 @@ def test_aiohttp_server_log_records_are_redacted() -> None:
     assert logger.filter(record)
     text = logging.Formatter().format(record)
     assert "abc" not in text and "def" not in text
-    assert "token=<redacted>" in text
+    assert f"token={REDACTED}" in text
 
 
 # --- pure value parsing ------------------------------------------------------------------------
@@ -1042,3 +1044,53 @@ async def test_wait_points(sim: CloudSim, http: aiohttp.ClientSession) -> None:
     assert len(await waiter) == 2
     with pytest.raises(TimeoutError):
         await sim.wait_points(3, within_s=0.05)
+
+
+# --- long runs and the command line ------------------------------------------------------------
+
+
+async def test_the_request_log_is_bounded_and_stats_count_every_request(http: aiohttp.ClientSession) -> None:
+    sim = CloudSim(accept_any_token=True, request_log_max=3)
+    await sim.start()
+    try:
+        for value in range(5):
+            assert (await call(http, sim, "GET", f"/external/api/update?token={PUMP}&v1={value}"))[0] == 200
+        status, body = await call(http, sim, "GET", "/_sim/stats")
+    finally:
+        await sim.stop()
+    assert [record.query.rsplit("=", 1)[1] for record in sim.requests] == ["2", "3", "4"]  # the newest kept
+    stats = json.loads(body)
+    assert (status, stats["requests"], stats["by_status"]) == (200, 5, {"200": 5})
+    assert len(sim.points()) == 5  # accepted points are what tests read: all kept
+    with pytest.raises(SimError):
+        CloudSim(request_log_max=0)
+
+
+@pytest.mark.parametrize("listen", ["8080", "127.0.0.1:99999", "localhost:abc", "in use"])
+def test_cloudsim_bad_listen_is_one_line_and_exit_2(listen: str) -> None:
+    from .conftest import edgeforward
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if listen == "in use":
+            listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = edgeforward("cloudsim", "--listen", listen)
+    assert result.returncode == 2
+    assert result.stderr.startswith("cloudsim: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_cloudsim_devices_help_shows_a_shape_it_accepts(tmp_path: Path) -> None:
+    from .conftest import edgeforward
+
+    result = edgeforward("cloudsim", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    start = text.rindex("--devices FILE") + len("--devices FILE")  # its help, after the usage line
+    shape = re.search(r"\{.*?\}\s*\}\s*\}", text[start:])
+    assert shape is not None, text
+    path = tmp_path / "devices.json"
+    path.write_text(shape.group(0))
+    devices = devices_from_file(path)
+    assert [(d.name, dict(d.pins)) for d in devices] == [("pump", {1: PinType.DOUBLE})]

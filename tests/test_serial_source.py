@@ -9,6 +9,7 @@ import os
 import random
 import re
 import select
+import threading
 import time
 import tty
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -623,3 +624,32 @@ def test_port_stats_counts_by_reason() -> None:
     assert stats.bad_reasons == {"overlong": 2, "syntax": 1}
     assert stats.ignored_reasons == {"nmea_type": 1}
     assert stats.state is PortState.ABSENT
+
+
+async def test_a_thread_link_writes_from_its_own_thread_never_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pyserial's rfc2217 write is a blocking sendall of up to 5 s; loop:// is the same kind of link (no fd).
+    from serial.urlhandler import protocol_loop
+
+    writers: list[threading.Thread] = []
+    release = threading.Event()
+    original = protocol_loop.Serial.write
+
+    def blocking_write(port: protocol_loop.Serial, data: bytes) -> int | None:
+        writers.append(threading.current_thread())
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(WAIT_TIMEOUT_S)  # a server that does not read: the write blocks
+        return original(port, data)
+
+    monkeypatch.setattr(protocol_loop.Serial, "write", blocking_write)
+    got = Received()
+    source = SerialSource("loop://", 115_200, got)
+    async with running(source):
+        await wait_for(lambda: source.stats.state is PortState.OPEN)
+        assert source.write(b"ACK 1\n") is True  # returns at once although the port write blocks
+        assert source.write(b"ACK 2\n") is True
+        await wait_for(lambda: bool(writers))
+        assert got.lines == []
+        release.set()
+        await wait_for(lambda: len(got.items) == 2)  # loop:// reads back what was written
+    assert got.lines == [b"ACK 1", b"ACK 2"]
+    assert {thread.name for thread in writers} == {"serial-read loop:// writer"}

@@ -12,9 +12,8 @@ import msgspec
 import pytest
 import trustme
 
-from edgeforward.blynk import BlynkClient, RateLimiter, TransientError
+from edgeforward.blynk import BlynkClient, RateLimiter, TransientError, ssl_context
 from edgeforward.cloudsim import CloudSim, SimDevice, SimError, SimLimits, serve, server_ssl_context
-from edgeforward.daemon import ssl_context
 from edgeforward.points import PinType
 
 TOKEN = "tlsTokenDDDDDDDDDDDDDDDDDDDDDDDD"
@@ -75,7 +74,7 @@ async def test_wrong_host_name_is_a_certificate_error(ca: trustme.CA, start_http
         await get_update(sim, trusting(ca))
     assert isinstance(caught.value.certificate_error, ssl.SSLCertVerificationError)
     assert "mismatch" in str(caught.value.certificate_error)
-    assert sim.requests == []
+    assert not sim.requests
 
 
 async def test_untrusted_ca_is_a_certificate_error(ca: trustme.CA, start_https: StartHttps) -> None:
@@ -83,7 +82,7 @@ async def test_untrusted_ca_is_a_certificate_error(ca: trustme.CA, start_https: 
     with pytest.raises(aiohttp.ClientConnectorCertificateError) as caught:
         await get_update(sim, trusting(trustme.CA()))
     assert isinstance(caught.value.certificate_error, ssl.SSLCertVerificationError)
-    assert sim.requests == []
+    assert not sim.requests
 
 
 async def blynk_live(sim: CloudSim, ca_file: Path) -> None:
@@ -123,7 +122,7 @@ async def test_blynk_client_certificate_problems_are_transient(
         await blynk_live(sim, ca_file)
     assert "certificate" in str(caught.value).lower()
     assert TOKEN not in str(caught.value) and TOKEN not in repr(caught.value)
-    assert sim.requests == []
+    assert not sim.requests
 
 
 async def test_serve_over_tls(ca: trustme.CA, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from ..blynk import BlynkClient, RateLimiter, Refusal, RefusedError, TransientEr
 from ..buffer import Buffer
 from ..buffer import BufferError as StoreError
 from ..config import CloudConfig, Device, ForwardConfig, Limits, resolve_limits
+from ..redact import redact
 from ..timebase import SYSTEM_CLOCK, Clock, mono_deadline, next_utc_day_s, next_utc_month_s
 from .budget import BudgetGuard, Path, Verdict
 from .context import DeviceContext
@@ -158,11 +159,13 @@ class Forwarder:
             self._peers.leave(self.device.name)
 
     async def _context(self) -> DeviceContext:
-        server = await self._buffer.remembered_server(self.device.token) or self._cloud.server
+        configured = self._cloud.server
+        server = await self._buffer.remembered_server(self.device.token, configured=configured) or configured
         client = BlynkClient(
             self._session,
             server,
             self.device.token,
+            configured_server=configured,
             timeout_s=self._cloud.timeout_s,
             limiter=RateLimiter(self.guard.limits.requests_per_second, clock=self._clock),
             on_redirect=self._remember_server,
@@ -213,7 +216,7 @@ class Forwarder:
             await self._refused(exc, now)
         except StoreError as exc:
             delay = backoff.next_delay()
-            self._log.error("forward_store_failed", error=str(exc), retry_s=round(delay, 1))
+            self._log.error("forward_store_failed", error=redact(str(exc)), retry_s=round(delay, 1))
             self._blocked(_Block(now + delay, WaitReason.STORE))
         finally:
             await history.flush_deliveries()
@@ -372,7 +375,7 @@ class Forwarder:
             )
         except StoreError as exc:
             # The state is shown by `status`; forwarding does not depend on it. Written again on the next change.
-            self._log.warning("device_state_not_recorded", error=str(exc))
+            self._log.warning("device_state_not_recorded", error=redact(str(exc)))
 
     async def _persist_status(self) -> None:
         fields = self.tracker.status_to_persist()
@@ -382,7 +385,7 @@ class Forwarder:
             await self._buffer.set_meta({status_meta_key(self.device.name): json.dumps(fields, sort_keys=True)})
         except StoreError as exc:
             self.tracker.forget_persisted()
-            self._log.warning("forward_status_not_recorded", error=str(exc))
+            self._log.warning("forward_status_not_recorded", error=redact(str(exc)))
 
     async def _remember_server(self, server: str) -> None:
         self._log.info("cloud_redirected", server=server)
