@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ from .buffer import Buffer
 from .config import Config, split_listen
 from .forward import DeviceSnapshot, DeviceState, Forwarder, WaitReason
 from .serial_source import PortState, PortStats
+from .timebase import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger(__name__)
 
@@ -69,16 +69,19 @@ class DaemonView:
         forwarders: Mapping[str, Forwarder],
         ports: Sequence[PortStats],
         started_s: float,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
         self.buffer = buffer
         self.forwarders = forwarders
         self.ports = ports
         self.started_s = started_s
+        self._clock = clock
 
     async def snapshot(self, now_s: float | None = None) -> Snapshot:
-        """Read the ledger, budgets and live state now."""
-        now = time.time() if now_s is None else now_s
+        """Read the ledger, budgets and live state now (wall time: budgets are keyed by the UTC day and month)."""
+        now = self._clock.wall() if now_s is None else now_s
         devices = []
         for name, forwarder in self.forwarders.items():
             budget = await self.buffer.budget(name, now)

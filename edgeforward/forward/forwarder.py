@@ -89,6 +89,7 @@ class Forwarder:
         self._block: _Block | None = None
         self._last_success_recorded = -math.inf
         self._requests_per_round = 1
+        self._maybe_queued = True  # False once a round found nothing to send and no point came since
         self._ctx: DeviceContext | None = None
         self._history: HistoryPath | None = None
 
@@ -111,6 +112,7 @@ class Forwarder:
     def notify(self, pins: frozenset[int]) -> None:
         """Points of these pins were committed."""
         self._dirty |= pins
+        self._maybe_queued = True
         if self._points_wake:
             self._wake()
 
@@ -194,15 +196,18 @@ class Forwarder:
         self._block = None
         live_enabled = self.guard.live_enabled
         try:
-            # Other processes may spend too (check-config --online): the buffer is the record.
-            self.guard.record(await self._buffer.budget(self.device.name, self._clock.wall()))
             await expiry.run_if_due()
-            if live_enabled and self._dirty and now >= self._next_live:
+            live_due = live_enabled and bool(self._dirty) and now >= self._next_live
+            history_due = now >= self._history_due()
+            if live_due or history_due:
+                # Other processes may spend too (check-config --online): the buffer is the record.
+                self.guard.record(await self._buffer.budget(self.device.name, self._clock.wall()))
+            if live_due:
                 await self._live_tick(live, history, now)
             if not live_enabled and self._dirty:
                 history.horizon = await self._buffer.max_id()
                 self._dirty.clear()
-            if now >= self._history_due():
+            if history_due:
                 await self._history_round(history, live_enabled)
             backoff.reset()
         except TransientError as exc:
@@ -210,16 +215,14 @@ class Forwarder:
             delay = exc.retry_after_s if exc.retry_after_s is not None else backoff.next_delay()
             reason = WaitReason.RETRY_AFTER if exc.retry_after_s is not None else WaitReason.BACKOFF
             await self._go_offline(str(exc), delay, backoff.attempt)
-            self._blocked(_Block(now + delay, reason))
+            self._block = _Block(now + delay, reason)
         except RefusedError as exc:
             ctx.count(f"refused_{exc.refusal.value}")
             await self._refused(exc, now)
         except StoreError as exc:
             delay = backoff.next_delay()
             self._log.error("forward_store_failed", error=redact(str(exc)), retry_s=round(delay, 1))
-            self._blocked(_Block(now + delay, WaitReason.STORE))
-        finally:
-            await history.flush_deliveries()
+            self._block = _Block(now + delay, WaitReason.STORE)
         if self._block is not None:
             # Whatever failed, history is due again the moment the wait ends: a reconnect drains the backlog.
             self._next_history = min(self._next_history, self._block.until_mono)
@@ -234,7 +237,9 @@ class Forwarder:
         blocked = self._history_block
         # The binding wait names the reason: the budget when it ends after the paced round would come.
         by_budget = blocked is not None and blocked.until_mono > now and blocked.until_mono >= self._next_history
-        waiting = blocked.reason if by_budget and blocked is not None else WaitReason.PACING
+        waiting: WaitReason | None = blocked.reason if by_budget and blocked is not None else WaitReason.PACING
+        if not self._maybe_queued:
+            waiting = None  # nothing is queued for the cloud: nothing waits
         return _Next(until, waiting, points_wake=True)
 
     def _history_due(self) -> float:
@@ -269,6 +274,7 @@ class Forwarder:
         started = self._clock.monotonic()
         result = await history.round(live_due())
         self._requests_per_round = result.requests
+        self._maybe_queued = result.requests > 0 or bool(self._dirty)
         if not result.verdict.allowed:
             self._history_blocked(result.verdict)
         elif self._history_block is not None:
@@ -301,9 +307,6 @@ class Forwarder:
             tracker.live_interval_s = interval
         tracker.history_interval_s = self.guard.history_interval_s(wall, self._requests_per_round)
 
-    def _blocked(self, block: _Block) -> None:
-        self._block = block
-
     # answers ------------------------------------------------------------------------------------
 
     async def _refused(self, exc: RefusedError, now: float) -> None:
@@ -311,18 +314,18 @@ class Forwarder:
             if self.tracker.state is not DeviceState.PARKED:
                 self._log.error("device_parked", reason=exc.message, recheck_s=self._forward.park_recheck_s)
             await self._set_state(DeviceState.PARKED, exc.message)
-            self._blocked(_Block(now + self._forward.park_recheck_s, WaitReason.PARKED))
+            self._block = _Block(now + self._forward.park_recheck_s, WaitReason.PARKED)
         elif exc.refusal is Refusal.QUOTA:
             wall = self._clock.wall()
             until = next_utc_month_s(wall) if "month" in exc.message.lower() else next_utc_day_s(wall)
             self._log.warning("cloud_quota_reached", reason=exc.message, seconds=round(until - wall))
             await self._set_state(DeviceState.ONLINE, f"quota: {exc.message}")
-            self._blocked(_Block(mono_deadline(self._clock, until), WaitReason.QUOTA, until))
+            self._block = _Block(mono_deadline(self._clock, until), WaitReason.QUOTA, until)
         else:
             # Unknown refusals are retried slowly; the history path bisects a batch that keeps failing.
             self._log.warning("request_refused", reason=exc.message, status=exc.status)
             await self._set_state(DeviceState.ONLINE, f"refused: {exc.message}")
-            self._blocked(_Block(now + self._forward.retry_max_s, WaitReason.REFUSED))
+            self._block = _Block(now + self._forward.retry_max_s, WaitReason.REFUSED)
 
     async def _succeeded(self) -> None:
         wall, now = self._clock.wall(), self._clock.monotonic()
