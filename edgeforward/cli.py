@@ -123,12 +123,16 @@ def _load(args: argparse.Namespace) -> Config:
 def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.log.level, config.log.format, secrets=config.tokens, stream=sys.stdout)
-    from .buffer import BufferError
     from .daemon import run_daemon
+    from .store import StoreError, StoreLockedError
 
     try:
         asyncio.run(run_daemon(config))
-    except BufferError as exc:
+    except StoreLockedError as exc:
+        print(f"edgeforward: {exc}", file=sys.stderr)
+        log.error("already_running", error=str(exc), pid=exc.pid)
+        return EXIT_FATAL
+    except StoreError as exc:
         log.error("fatal", error=str(exc))
         return EXIT_FATAL
     except OSError as exc:

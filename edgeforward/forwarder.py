@@ -18,7 +18,6 @@ import aiohttp
 import structlog
 
 from .blynk import BlynkClient, RateLimiter, Refusal, RefusedError, TransientError
-from .buffer import Budget, Buffer, QueuedPoint, utc_day, utc_month
 from .config import CloudConfig, Device, ForwardConfig
 from .planner import (
     PinBacklog,
@@ -29,6 +28,7 @@ from .planner import (
     live_interval_s,
 )
 from .points import value_from_json
+from .store import Budget, Buffer, QueuedPoint, utc_day, utc_month
 
 log = structlog.get_logger(__name__)
 

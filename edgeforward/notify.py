@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import aiosqlite
 import structlog
 
-from .buffer import Buffer
 from .config import Config
 from .forwarder import PIN_PARK_RECHECK_S, DeviceState, Forwarder
+from .store import Buffer
 
 log = structlog.get_logger(__name__)
 

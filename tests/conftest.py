@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from edgeforward.buffer import Buffer
 from edgeforward.cloudsim import CloudSim, SimDevice
 from edgeforward.points import PinType
+from edgeforward.store import Buffer
 
 TOKEN = "tok-pump-0123456789abcdef0123456789"
 TOKEN_FAN = "tok-fan-0123456789abcdef0123456789"

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edgeforward.buffer import META_HELD_UNSTAMPED, SCHEMA_VERSION, Buffer, Committed
+from edgeforward.store import META_HELD_UNSTAMPED, SCHEMA_VERSION, Buffer, Committed
 from edgeforward.clock import (
     META_CLOCK,
     META_CLOCK_TRUSTED_BOOT,

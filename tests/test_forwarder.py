@@ -13,11 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edgeforward.buffer import Buffer, Committed
 from edgeforward.cloudsim import CloudSim, SimDevice, SimLimits
 from edgeforward.config import Config, parse_config
 from edgeforward.forwarder import DeviceState, Forwarder, build_history_batch, next_utc_day_s, next_utc_month_s
 from edgeforward.points import PinType, Point
+from edgeforward.store import Buffer, Committed
 
 from .conftest import TOKEN, open_buffer, wait_for
 
@@ -256,7 +256,7 @@ async def test_outage_then_recovery_resumes(tmp_path: Path, sim: CloudSim) -> No
 
 
 def test_history_batch_respects_bytes() -> None:
-    from edgeforward.buffer import QueuedPoint
+    from edgeforward.store import QueuedPoint
 
     points = [QueuedPoint(i, 1, 1_764_000_000_000 + i, "1.5") for i in range(100)]
     batch = build_history_batch(points, 200)

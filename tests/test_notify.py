@@ -21,12 +21,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edgeforward.buffer import Buffer
 from edgeforward.cloudsim import CloudSim
 from edgeforward.config import load_config
 from edgeforward.forwarder import Forwarder
 from edgeforward.notify import Notifier, ProgressMonitor, watchdog_interval_s
 from edgeforward.points import Point
+from edgeforward.store import Buffer
 
 from .conftest import TOKEN, Pty, open_buffer, wait_for, write_config
 
