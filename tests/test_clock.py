@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edgeforward.store import META_HELD_UNSTAMPED, SCHEMA_VERSION, Buffer, Committed
 from edgeforward.clock import (
     META_CLOCK,
     META_CLOCK_TRUSTED_BOOT,
@@ -37,6 +36,7 @@ from edgeforward.daemon import PortPipeline
 from edgeforward.forwarder import Forwarder
 from edgeforward.lines import ParseContext, Rejected, parse_line
 from edgeforward.points import PinType, Point
+from edgeforward.store import META_HELD_UNSTAMPED, SCHEMA_VERSION, Buffer, Committed
 
 from .conftest import TOKEN, DaemonProcess, Pty, open_buffer, wait_for, write_config
 
