@@ -45,6 +45,7 @@ from .writer import (
     COMMIT_ATTEMPTS,
     COMMIT_ERRORS_LOGGED_PER_MINUTE,
     EXTERNAL_CHECK_S,
+    GROUP_COMMIT_MAX_ITEMS,
     Op,
     OpKind,
     Pending,
@@ -398,11 +399,7 @@ class Buffer:
             return future
         # The buffer logs commit failures itself; callers that do not look at the outcome stay quiet.
         future.add_done_callback(_consume_exception)
-        if boot_id is None:
-            self._pending.points.extend(points)
-        else:
-            self._pending.held.extend((boot_id, point) for point in points)
-        self._pending.point_waiters.append((future, len(points)))
+        self._pending.submits.append((boot_id, points, future))
         self._wake.set()
         return future
 
@@ -458,6 +455,12 @@ class Buffer:
         retry_due = bool(self._retry) and (self._closing or self._clock() >= self._retry.due_s)
         while self._pending or self._ingest_failed_dirty or retry_due:
             pending, self._pending = self._pending, Pending()
+            rest = pending.split(GROUP_COMMIT_MAX_ITEMS)
+            if rest:
+                # A bounded transaction: on a full disk only what did not fit is refused, not a whole backlog.
+                rest.submits.extend(self._pending.submits)
+                rest.ops = self._pending.ops
+                self._pending = rest
             self._urgent = False
             if retry_due:
                 facts = {op.key for op in pending.ops if op.kind is OpKind.FACT and op.key is not None}
@@ -491,7 +494,10 @@ class Buffer:
         ingest_error: StoreError | None = None
         if failure is not None:
             if not readings:
-                return self._ops_failed(pending, failure if isinstance(failure, sqlite3.Error) else None)
+                try:
+                    results = await self._ops_transaction(pending.ops, failure)
+                except sqlite3.Error as exc:
+                    return self._ops_failed(pending, exc)
             try:
                 committed, results, ingest_error = await self._commit_without(pending, failure)
             except sqlite3.Error as second:
@@ -507,7 +513,7 @@ class Buffer:
         for op, result in zip(pending.ops, results, strict=True):
             if not op.future.done():
                 op.future.set_result(result)
-        for waiter, _ in pending.point_waiters:
+        for waiter in pending.waiters:
             if not waiter.done():
                 if ingest_error is None:
                     waiter.set_result(None)
@@ -552,15 +558,17 @@ class Buffer:
         error.__cause__ = failure
         return [], await self._ops_transaction(pending.ops), error
 
-    async def _ops_transaction(self, ops: list[Op]) -> list[Any]:
+    async def _ops_transaction(self, ops: list[Op], failed: BaseException | None = None) -> list[Any]:
         """Commit the ops alone; on a full disk give them the reserve's room and a fresh WAL, then try once more."""
-        try:
-            _, results = await self._transaction([], ops)
-        except sqlite3.Error as exc:
-            if not is_full(exc):
-                raise
-        else:
-            return results
+        if failed is None:
+            try:
+                _, results = await self._transaction([], ops)
+            except sqlite3.Error as exc:
+                failed = exc
+            else:
+                return results
+        if not (isinstance(failed, sqlite3.Error) and is_full(failed)):
+            raise failed
         await self._make_disk_room()
         _, results = await self._transaction([], ops)
         return results
@@ -593,7 +601,7 @@ class Buffer:
         return False
 
     def _fail_readings(self, pending: Pending, error: StoreError) -> None:
-        for waiter, _ in pending.point_waiters:
+        for waiter in pending.waiters:
             if not waiter.done():
                 waiter.set_exception(error)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -55,18 +55,43 @@ class Op:
 class Pending:
     """What the next transaction carries, in the order it was asked for."""
 
-    points: list[Point] = field(default_factory=list)
-    held: list[tuple[str, Point]] = field(default_factory=list)
+    # Each submit: its boot id (None: a wall-clock point), its points and the future its caller waits on.
+    submits: list[tuple[str | None, Sequence[Point], asyncio.Future[None]]] = field(default_factory=list)
     ops: list[Op] = field(default_factory=list)
-    point_waiters: list[tuple[asyncio.Future[None], int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.points or self.held or self.ops)
+        return bool(self.submits or self.ops)
+
+    @property
+    def points(self) -> list[Point]:
+        """The sendable points, in order."""
+        return [point for boot_id, points, _ in self.submits if boot_id is None for point in points]
+
+    @property
+    def held(self) -> list[tuple[str, Point]]:
+        """The points held for a trusted clock, with their boot id."""
+        return [(boot_id, point) for boot_id, points, _ in self.submits if boot_id is not None for point in points]
 
     @property
     def readings(self) -> list[Point]:
         """Every point this commit would add, sendable and held."""
-        return [*self.points, *(point for _, point in self.held)]
+        return [point for _, points, _ in self.submits for point in points]
+
+    @property
+    def waiters(self) -> list[asyncio.Future[None]]:
+        """The futures of the submits."""
+        return [future for _, _, future in self.submits]
+
+    def split(self, max_readings: int) -> Pending:
+        """Keep at most about `max_readings` readings (whole submits, the ops with them); return the rest."""
+        count = 0
+        for index, (_, points, _) in enumerate(self.submits):
+            count += len(points)
+            if count >= max_readings and index + 1 < len(self.submits):
+                rest = Pending(self.submits[index + 1 :], [])
+                del self.submits[index + 1 :]
+                return rest
+        return Pending()
 
 
 class Retry:
