@@ -81,7 +81,7 @@ def full_disk_config(tmp_path: Path, cloud: CloudSim, pty: Pty, disk: Path) -> P
         [{"path": pty.path, "device": "pump"}],
         [PUMP],
         buffer={"path": str(disk / "buffer.db")},
-        limits={"batch_max_points": 2000},
+        limits={"batch_max_points": 2000, "points_per_day": 0},
         forward={"live_interval_s": 0},
     )
 
@@ -362,19 +362,29 @@ async def test_sqlite_errors_reach_callers_as_store_errors(tmp_path: Path) -> No
 # a budget that cannot be recorded is never spent ---------------------------------------------------------------
 
 
-async def test_spend_that_cannot_be_committed_raises_a_store_error(small_disk: Path) -> None:
-    path = small_disk / "b.db"
+async def test_spend_that_cannot_be_committed_raises_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
     async with open_buffer(path) as buf:
         await buf.submit([Point("pump", 1, BASE_TS, 1.0)])
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL has no blocks left to reuse
-        (small_disk / "b.db.reserve").unlink()  # and the reserve is already spent
-        filler = fill(small_disk)
-        with pytest.raises(StoreFullError):
-            await buf.spend("pump", BASE_TS / 1000, points=1)
+        await buf.set_page_limit(await _pages(path))  # the file may not grow by a page
+        failed = None
+        for n in range(2000):
+            try:
+                await buf.spend(f"device-{n:04d}-" + "x" * 40, BASE_TS / 1000, points=1)
+            except StoreFullError:
+                failed = n
+                break
+        assert failed is not None, "the file never filled"
         await buf.set_device_state("pump", "offline", "test")  # a state write never raises: kept, retried
-        filler.unlink()
-        assert (await buf.budget("pump", BASE_TS / 1000)).messages_month == 0
+        await buf.set_page_limit(1_000_000)
+        budget = await buf.budget(f"device-{failed:04d}-" + "x" * 40, BASE_TS / 1000)
+        assert budget.messages_month == 0  # the refused budget was not counted (and its request not sent)
         assert (await buf.spend("pump", BASE_TS / 1000, points=1)).messages_month == 1
+        await buf.submit([Point("pump", 1, BASE_TS + 1, 1.0)])  # a later commit carries the kept state
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT state, reason FROM device_state").fetchall() == [("offline", "test")]
+
+
+async def _pages(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("PRAGMA page_count").fetchone()[0])

@@ -211,6 +211,10 @@ class Buffer:
         self._errors_logged: list[float] = []
         self._freed_since_vacuum = False
         self._data_version = 0
+        self._page_size = 4096
+        self._limit_pages = -1
+        self._disk_limited = False
+        self._simulated_disk_pages: int | None = None
         self.needs_verify = False
         self.commits = 0
         self.recovery: Recovery | None = None
@@ -271,11 +275,11 @@ class Buffer:
         try:
             self._write = await aiosqlite.connect(self.path, isolation_level=None)
             await self._configure(self._write)
+            self._page_size = int(await self._pragma(self._write, "page_size") or 4096)
             if self._max_bytes:
-                page_size = int(await self._pragma(self._write, "page_size") or 4096)
-                self._max_pages = int(
-                    await self._pragma(self._write, f"max_page_count = {max(1, self._max_bytes // page_size)}") or 0
-                )
+                self._max_pages = max(1, self._max_bytes // self._page_size)
+            self._limit_pages = -1
+            await self._fit_disk()
             self._read = await aiosqlite.connect(self.path, isolation_level=None)
             await self._configure(self._read)
             await self._load_caches()
@@ -344,7 +348,9 @@ class Buffer:
 
     async def set_page_limit(self, pages: int) -> int:
         """Limit the file to `pages` pages (simulates a full disk in tests); return the limit in force."""
-        return int(await self._pragma(self._connection(), f"max_page_count = {int(pages)}") or 0)
+        self._simulated_disk_pages = int(pages)
+        await self._fit_disk()
+        return self._limit_pages
 
     @property
     def ingest_failed(self) -> dict[str, int]:
@@ -646,8 +652,26 @@ class Buffer:
             self._freed_rows += max(0, queued_before_ops - self._queued_total)
         return committed, results
 
+    async def _fit_disk(self) -> None:
+        """Keep the file from growing into the room its WAL needs: on a full disk the file then refuses new
+        readings early (free pages still take them), while deliveries, budgets and state commit, and free pages."""
+        conn = self._connection()
+        free = capacity.free_bytes(self.path)
+        headroom = capacity.wal_headroom(self.path, self._page_size)
+        if free >= 4 * headroom:
+            disk_pages = None
+        else:
+            pages = int(await self._pragma(conn, "page_count") or 0)
+            disk_pages = pages + max(0, free - headroom) // self._page_size
+        if self._simulated_disk_pages is not None:
+            disk_pages = min(disk_pages or capacity.MAX_PAGES, self._simulated_disk_pages)
+        limit = min(p for p in (self._max_pages or None, disk_pages, capacity.MAX_PAGES) if p is not None)
+        self._disk_limited = disk_pages is not None and limit == disk_pages and limit != self._max_pages
+        if limit != self._limit_pages:
+            self._limit_pages = int(await self._pragma(conn, f"max_page_count = {limit}") or limit)
+
     async def _at_byte_cap(self) -> bool:
-        if not self._max_pages:
+        if not self._max_pages or self._disk_limited:
             return False
         pages = int(await self._pragma(self._connection(), "page_count") or 0)
         if pages >= self._max_pages - capacity.CAP_SLACK_PAGES:
@@ -710,6 +734,9 @@ class Buffer:
 
     async def _maintain(self) -> None:
         """Give free pages back to the file system once a backlog has drained (incremental vacuum)."""
+        if self._write is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._fit_disk()
         now = self._clock()
         # Two PRAGMA round trips after every delivery would be most of an idle gateway's CPU: look only once
         # many rows were freed, or now and then.

@@ -9,6 +9,8 @@ from typing import Final
 
 import structlog
 
+from .schema import WAL_AUTOCHECKPOINT_PAGES
+
 log = structlog.get_logger(__name__)
 
 # A file of this size sits beside the buffer. When the disk fills, it is deleted: the room it gives lets
@@ -21,6 +23,18 @@ RESUME_FREE_BYTES: Final = 2 * RESERVE_BYTES
 ROOM_MIN_POINTS: Final = 500
 ROOM_ATTEMPTS: Final = 20
 CAP_SLACK_PAGES: Final = 8
+MAX_PAGES: Final = 4_294_967_294  # SQLite's own limit
+# Room kept free beside the WAL's own growth when the disk is nearly full.
+DISK_MARGIN_BYTES: Final = 256 * 1024
+
+
+def wal_headroom(path: Path, page_size: int) -> int:
+    """Bytes the WAL may still need to grow to its checkpoint size, plus a margin."""
+    try:
+        current = os.stat(f"{path}-wal").st_size
+    except OSError:
+        current = 0
+    return max(0, WAL_AUTOCHECKPOINT_PAGES * (page_size + 24) + 32 - current) + DISK_MARGIN_BYTES
 
 
 def reserve_path(path: Path) -> Path:

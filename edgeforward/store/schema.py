@@ -20,7 +20,7 @@ PAGE_SIZE_BYTES: Final = 1024
 # Checkpoint when the WAL holds this many pages. The WAL file is reused from its start after each checkpoint,
 # never truncated, so commits overwrite blocks the file already has (no file growth, no journal commit per
 # fdatasync, and room to write on a full disk).
-WAL_AUTOCHECKPOINT_PAGES: Final = 2000
+WAL_AUTOCHECKPOINT_PAGES: Final = 1000
 
 # Keys of the `meta` table.
 META_RECOVERY: Final = "recovery"
