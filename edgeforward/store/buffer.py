@@ -239,6 +239,9 @@ class Buffer:
                 # A clean stop leaves no WAL: then the pages are not all read before READY (see verify()).
                 full = self._check == "full" or _stopped_uncleanly(self.path)
                 self.needs_verify = not full
+                if capacity.free_bytes(self.path) < capacity.RESUME_FREE_BYTES:
+                    # Starting on a full disk: the reserve's room lets the file open, drain and free space.
+                    self._reserve_released = await asyncio.to_thread(capacity.release_reserve, self.path)
                 self.recovery = await asyncio.to_thread(prepare_file, self.path, full_check=full)
             await self._connect()
             if not daemon_elsewhere:

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import structlog
 
-from .errors import wrap
+from .errors import StoreError, StoreFullError, wrap
 from .schema import (
     BUSY_TIMEOUT_MS,
     LEDGER_FIELDS,
@@ -42,6 +42,8 @@ BUILDING_SUFFIX: Final = ".recovering"
 BUILT_SUFFIX: Final = ".recovered"
 SALVAGE_COPY_SUFFIX: Final = ".salvage-tmp"
 COMPANIONS: Final = ("-wal", "-shm", "-journal")
+# Below this much free space an error opening the file is taken for a full disk, not for damage.
+FULL_DISK_BYTES: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,8 @@ def prepare_file(path: Path, *, full_check: bool = True) -> Recovery | None:
             recovery = recover_file(path, problem)
         with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
             migrate(conn)
+    except StoreError:
+        raise
     except (sqlite3.Error, OSError) as exc:
         raise wrap(exc, f"preparing {path}") from exc
     return recovery
@@ -139,10 +143,21 @@ def check_file(path: Path, *, full: bool = True) -> str | None:
                 # The two ends of the points index and table: a cheap look at the pages read first.
                 db.execute("SELECT MIN(id), MAX(id) FROM points").fetchone()
     except sqlite3.Error as exc:
+        if _disk_full(path):
+            # Not damage: the file cannot be opened for want of room (its WAL index). Never "recover" it.
+            raise StoreFullError(f"{path}: no room on the disk to open it ({exc})") from exc
         return f"{type(exc).__name__}: {exc}"
     except OSError as exc:
         return f"{type(exc).__name__}: {exc.strerror}"
     return None
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < FULL_DISK_BYTES
 
 
 def _check_size(path: Path) -> str | None:
