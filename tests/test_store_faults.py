@@ -170,9 +170,10 @@ KILLS = int(os.environ.get("EDGEFORWARD_RECOVERY_KILLS", "24"))
 
 
 async def build_damaged(path: Path) -> None:
+    recent = time.time_ns() // 1_000_000 - 86_400_000  # a day old, whatever today is: nothing expires
     async with open_buffer(path) as buf:
         for start in range(0, RECOVERY_POINTS, 50_000):
-            await buf.submit([Point("pump", 1 + i % 2, BASE_TS + start + i, float(i)) for i in range(50_000)])
+            await buf.submit([Point("pump", 1 + i % 2, recent + start + i, float(i)) for i in range(50_000)])
         await buf.deliver("pump", [p.id for p in await buf.oldest("pump", 1, 1000)], "history")
     with contextlib.closing(sqlite3.connect(path)) as db:
         page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
@@ -216,6 +217,7 @@ async def test_kill9_during_recovery_at_random_points_keeps_the_ledger_exact(
 
     rng = random.Random(int(os.environ.get("EDGEFORWARD_CRASH_SEED", "5")))
     phases: Counter[str] = Counter()
+    cloud.outage = "503"  # nothing is delivered after a recovery finishes: the ledger stays comparable
     for kill in range(KILLS):
         run_dir = tmp_path / f"run{kill}"
         run_dir.mkdir()
@@ -236,7 +238,7 @@ async def test_kill9_during_recovery_at_random_points_keeps_the_ledger_exact(
         # The next start finishes (or redoes) the recovery: the ledger is exactly the uninterrupted one's.
         again = Buffer(run_dir / "buffer.db")
         await again.open()
-        assert again.recovery is not None
+        assert again.recovery is not None or "buffer_recovered" in log  # finished now, or before the kill
         await again.close()
         assert ledger_of(run_dir / "buffer.db") == expected, (kill, log[-2000:])
         leftovers = {p.name for p in run_dir.iterdir()} & {"buffer.db" + BUILDING_SUFFIX, "buffer.db" + BUILT_SUFFIX}
