@@ -723,6 +723,10 @@ class Buffer:
 
     async def _notice_other_writers(self) -> None:
         """Reload the counters when another process (import, deadletter retry) committed to the file."""
+        async with self._commit_lock:
+            await self._notice_other_writers_locked()
+
+    async def _notice_other_writers_locked(self) -> None:
         if self._write is None:
             return
         try:
@@ -732,7 +736,7 @@ class Buffer:
                 async with self._write.execute("SELECT id, name FROM devices") as cursor:
                     self._device_ids.update({name: device_id async for device_id, name in cursor})
                 self._queued_total = await self._read_queued_total()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:
             log.debug("buffer_external_check_failed", error=str(exc))
 
     async def _maintain(self) -> None:
