@@ -138,9 +138,14 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.log.level, config.log.format, secrets=config.tokens, stream=sys.stdout)
     from .daemon import run_daemon
+    from .store import StoreLockedError
 
     try:
         asyncio.run(run_daemon(config))
+    except StoreLockedError as exc:
+        print(f"edgeforward: {redact(str(exc))}", file=sys.stderr)
+        log.error("already_running", error=redact(str(exc)), pid=exc.pid)
+        return EXIT_FATAL
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 (every fatal error is logged, redacted; never a raw traceback)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import structlog
 
 if TYPE_CHECKING:
-    from .buffer import Buffer
+    from .store import Buffer
 
 log = structlog.get_logger(__name__)
 

@@ -10,15 +10,15 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from . import __version__
+from .backoff import Backoff
 from .blynk import open_session
-from .buffer import Buffer, Committed
 from .clock import UNKNOWN_FUTURE_MS, ClockWatcher
 from .config import Config, PortConfig
 from .forward import Forwarder, Peers
@@ -26,7 +26,9 @@ from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected
 from .logs import Throttle
 from .notify import Notifier, ProgressMonitor, SystemdWatchdog, status_line, watchdog_interval_s
 from .points import Point
+from .redact import redact
 from .serial_source import PortStats, SerialSource
+from .store import Buffer, Committed, StoreError
 
 if TYPE_CHECKING:
     # Imported when [metrics] listen is set: aiohttp.web and prometheus_client cost the daemon 5 MB otherwise.
@@ -223,6 +225,8 @@ class Daemon:
             full_policy=buffer_config.full_policy,
             commit_interval_ms=buffer_config.commit_interval_ms,
             max_bytes=buffer_config.max_bytes,
+            exclusive=True,
+            check="auto",
         )
         self.clock = ClockWatcher(config.clock.require_sync, config.clock.previous_boots)
         self.pipelines = [
@@ -299,7 +303,7 @@ class Daemon:
                 for pipeline in self.pipelines
             ]
             forwarders = [
-                group.create_task(forwarder.run(), name=f"forward:{name}")
+                group.create_task(_supervised(forwarder.run, name), name=f"forward:{name}")
                 for name, forwarder in self.forwarders.items()
             ]
             snapshots = group.create_task(self._snapshot_loop(), name="status-snapshot")
@@ -315,6 +319,9 @@ class Daemon:
             self.ready.set()
             self.notifier.ready(await status_line(self.buffer, self.forwarders))
             housekeeping = [snapshots]
+            if self.buffer.needs_verify:
+                # A clean stop: the pages are read after READY, not before (a large buffer starts fast).
+                housekeeping.append(group.create_task(self._verify(), name="buffer-verify"))
             housekeeping.append(group.create_task(self.clock.run(self.buffer, self._reset_clocks), name="clock"))
             if self.notifier.enabled:
                 watchdog = SystemdWatchdog(
@@ -336,6 +343,11 @@ class Daemon:
             await writer
         log.info("daemon_stopped", queued=self.buffer.queued_total)
 
+    async def _verify(self) -> None:
+        problem = await self.buffer.verify()
+        if problem is not None:
+            log.error("buffer_recovered_while_running", reason=problem)
+
     def _reset_clocks(self) -> None:
         for pipeline in self.pipelines:
             pipeline.reset_clock()
@@ -350,6 +362,24 @@ class Daemon:
                 await self.buffer.save_ports(rows)
                 last = rows
             await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+
+
+STORE_RETRY_INITIAL_S = 0.5
+STORE_RETRY_MAX_S = 30.0
+
+
+async def _supervised(run: Callable[[], Awaitable[None]], device: str) -> None:
+    """Run a device's forwarding; when the store cannot do what it asks (full disk, busy), wait and start again."""
+    backoff = Backoff(STORE_RETRY_INITIAL_S, STORE_RETRY_MAX_S)
+    while True:
+        try:
+            await run()
+        except StoreError as exc:
+            delay = backoff.next_delay()
+            log.warning("forward_store_error", device=device, error=redact(str(exc)), retry_s=round(delay, 1))
+            await asyncio.sleep(delay)
+        else:
+            return
 
 
 async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]], within_s: float) -> None:

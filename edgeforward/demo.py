@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import math
 import os
-import sqlite3
 import tempfile
 import time
 import tty
@@ -21,13 +20,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .buffer import LEDGER_FIELDS
 from .cloudsim import CloudSim, SimDevice
 from .config import parse_config
 from .daemon import Daemon
 from .logs import configure_logging
 from .points import PinType
 from .serial_source import PortStats
+from .store import queries
 
 DEMO_TOKEN = "demo-device-token-0123456789abcdef"  # noqa: S105 (the simulated cloud's own token)
 LINES_PER_SECOND = 10
@@ -204,9 +203,8 @@ async def _frame(daemon: Daemon, sim: CloudSim, elapsed: float, events: tuple[st
 
 
 async def _final_ledger(path: str) -> dict[str, int]:
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        row = db.execute(f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger").fetchone()
-    return dict(zip(LEDGER_FIELDS, row, strict=True))
+    with queries.connect(Path(path)) as db:
+        return queries.ledger_total(db)
 
 
 def _summary(console: Console, lines: int, counts: dict[str, int], sim: CloudSim) -> bool:

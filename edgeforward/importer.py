@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import aiosqlite
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .buffer import Buffer
 from .config import Config
 from .errors import EdgeforwardError
 from .lines import MIN_TS_MS, MS_PER_DAY, CsvParser, ParseContext, Reading, Rejected
 from .points import Point, parse_pin_name
+from .store import Buffer, StoreError
 
 Layout = Literal["auto", "csv", "toa5"]
 
@@ -33,15 +32,6 @@ CSV_TIME_COLUMNS = ("ts", "timestamp", "time", "datetime", "date_time")
 MISSING_VALUES = frozenset({"", "nan", "-nan", "null", "none", "na"})
 EPOCH_MS_THRESHOLD = 100_000_000_000  # digits above this are milliseconds (after 1973-03-03 as ms)
 MAX_ERRORS_SHOWN_PER_FILE = 1000
-
-_SEEN_TABLE = """
-CREATE TABLE IF NOT EXISTS import_seen (
-    device TEXT NOT NULL,
-    pin INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    PRIMARY KEY (device, pin, ts)
-) WITHOUT ROWID
-"""
 
 
 class BackfillError(EdgeforwardError):
@@ -312,52 +302,14 @@ class FileReader:
 
 
 class SeenLedger:
-    """Which (device, pin, ts) an earlier import already queued: a table of the buffer database."""
+    """Which (device, pin, ts) an earlier import already queued: the store remembers them with the points."""
 
     def __init__(self, buffer: Buffer) -> None:
         self._buffer = buffer
 
-    async def create(self) -> None:
-        """Create the table if this database has none yet."""
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.execute(_SEEN_TABLE)
-
-        await self._buffer.run_op(op)
-
-    async def unseen(self, points: Sequence[Point]) -> list[Point]:
-        """Return the points no earlier import queued."""
-
-        async def op(conn: aiosqlite.Connection) -> set[tuple[str, int, int]]:
-            seen: set[tuple[str, int, int]] = set()
-            for point in points:
-                async with conn.execute(
-                    "SELECT 1 FROM import_seen WHERE device = ? AND pin = ? AND ts = ?",
-                    (point.device, point.pin, point.ts_ms),
-                ) as cursor:
-                    if await cursor.fetchone() is not None:
-                        seen.add((point.device, point.pin, point.ts_ms))
-            return seen
-
-        seen: set[tuple[str, int, int]] = await self._buffer.run_op(op)
-        unique: dict[tuple[str, int, int], Point] = {}
-        for point in points:
-            key = (point.device, point.pin, point.ts_ms)
-            if key not in seen:
-                unique.setdefault(key, point)
-        return list(unique.values())
-
-    async def commit(self, points: Sequence[Point]) -> None:
-        """Queue points and remember them in one transaction."""
-        rows = [(p.device, p.pin, p.ts_ms) for p in points]
-
-        async def op(conn: aiosqlite.Connection) -> None:
-            await conn.executemany("INSERT OR IGNORE INTO import_seen (device, pin, ts) VALUES (?, ?, ?)", rows)
-
-        # submit() and run_op() queued back to back share the next group commit: one transaction.
-        committed = self._buffer.submit(points)
-        await self._buffer.run_op(op)
-        await committed
+    async def commit(self, points: Sequence[Point]) -> int:
+        """Queue the points no earlier import queued, and remember them, in one transaction; return how many."""
+        return await self._buffer.import_points(points)
 
 
 async def import_files(
@@ -384,7 +336,6 @@ async def import_files(
     results: list[FileResult] = []
     try:
         seen = SeenLedger(buffer)
-        await seen.create()
         for path in files:
             progress = on_file(path, _line_count(path)) if on_file is not None else _no_progress
             results.append(await _import_file(reader, seen, path, progress))
@@ -419,12 +370,13 @@ async def _commit_chunk(seen: SeenLedger, chunk: list[_Row], result: FileResult)
     if not chunk:
         return
     points = [point for row in chunk for point in row.points]
-    fresh = await seen.unseen(points)
-    if fresh:
-        await seen.commit(fresh)
+    try:
+        fresh = await seen.commit(points)
+    except StoreError as exc:
+        raise BackfillError(f"the buffer refused the rows (nothing of this chunk was queued): {exc}") from exc
     result.imported_rows += len(chunk)
-    result.points += len(fresh)
-    result.duplicate_points += len(points) - len(fresh)
+    result.points += fresh
+    result.duplicate_points += len(points) - fresh
 
 
 def _line_count(path: Path) -> int:

@@ -11,10 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-from .buffer import Buffer
 from .config import Config, split_listen
 from .forward import DeviceSnapshot, DeviceState, Forwarder, WaitReason
 from .serial_source import PortState, PortStats
+from .store import Buffer
 from .timebase import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger(__name__)

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable, Mapping
 import aiosqlite
 import structlog
 
-from .buffer import Buffer
 from .config import Config
 from .forward import DeviceSnapshot, Forwarder, WaitReason
+from .store import Buffer
 from .timebase import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger(__name__)

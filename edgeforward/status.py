@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -15,11 +13,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .buffer import BUSY_TIMEOUT_MS, LEDGER_FIELDS
 from .config import Config
 from .forward.planner import clear_eta_s
 from .forward.state import parse_status_meta, status_meta_key
-from .timebase import utc_day, utc_month
+from .store import LEDGER_FIELDS, queries, running_pid
 
 CONTRACT_LEDGER = ("received", "delivered", "queued", "expired", "dropped", "rejected", "downsampled")
 FORWARD_FIELDS = ("waiting_reason", "next_attempt_ts", "live_interval_s", "history_interval_s", "parked_pins")
@@ -33,14 +30,13 @@ def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]
     daemon: dict[str, Any] = {"running": False, "pid": None}
     path = Path(config.buffer.path)
     if path.exists():
-        with contextlib.closing(
-            sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-        ) as db:
-            _read_devices(db, devices, now_s)
-            _read_ports(db, ports)
-            daemon = _read_daemon(db)
-            _read_forward(db, devices, running=bool(daemon["running"]))
-            recovery = _read_recovery(db, devices)
+        with queries.connect(path) as db:
+            _read_devices(queries.devices(db, now_s), devices)
+            _read_ports(queries.ports(db), ports)
+            meta = queries.meta(db)
+            daemon = _read_daemon(path, meta)
+            _read_forward(meta, devices, running=bool(daemon["running"]))
+            recovery = _read_recovery(meta, queries.held_by_device(db), devices)
     else:
         recovery = {"buffer_recovery": None, "recoveries": 0, "clock": None, "held_unstamped": 0}
     for name, entry in devices.items():
@@ -48,23 +44,13 @@ def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]
     return {"devices": devices, "ports": ports, "daemon": daemon, "buffer": str(path), **recovery}
 
 
-def _read_recovery(db: sqlite3.Connection, devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _read_recovery(meta: dict[str, str], held: dict[str, int], devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What the last recovery of a damaged buffer saved and lost, and readings a full disk refused."""
-    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     failed = json.loads(meta["ingest_failed"]) if meta.get("ingest_failed") else {}
     for name, entry in devices.items():
         entry["ingest_failed"] = int(failed.get(name, 0))
-    recoveries = meta.get("recoveries", "0")
-    held: dict[str, int] = {}
-    with contextlib.suppress(sqlite3.OperationalError):  # a buffer from before clock holding has no such table
-        held = dict(
-            db.execute(
-                "SELECT devices.name, COUNT(*) FROM held JOIN devices ON devices.id = held.device_id "
-                "GROUP BY held.device_id"
-            ).fetchall()
-        )
-    for name, entry in devices.items():
         entry["held_for_clock"] = int(held.get(name, 0))
+    recoveries = meta.get("recoveries", "0")
     unstamped = meta.get("held_unstamped", "0")
     return {
         "buffer_recovery": json.loads(meta["recovery"]) if meta.get("recovery") else None,
@@ -85,11 +71,10 @@ def _forecast(config: Config, name: str, entry: dict[str, Any], now_s: float) ->
     }
 
 
-def _read_forward(db: sqlite3.Connection, devices: dict[str, dict[str, Any]], *, running: bool) -> None:
+def _read_forward(meta: dict[str, str], devices: dict[str, dict[str, Any]], *, running: bool) -> None:
     """What each forwarder published: why its points wait, the next attempt, the intervals in effect."""
     for name, entry in devices.items():
-        row = db.execute("SELECT value FROM meta WHERE key = ?", (status_meta_key(name),)).fetchone()
-        published = parse_status_meta(row[0] if row else None)
+        published = parse_status_meta(meta.get(status_meta_key(name)))
         for key in FORWARD_FIELDS:
             entry[key] = published.get(key, entry[key])
         if not running:
@@ -132,55 +117,28 @@ def _empty_port() -> dict[str, Any]:
     }
 
 
-def _read_devices(db: sqlite3.Connection, devices: dict[str, dict[str, Any]], now_s: float) -> None:
-    ids = dict(db.execute("SELECT name, id FROM devices").fetchall())
-    today, month = utc_day(now_s), utc_month(now_s)
-    for name, device_id in ids.items():
+def _read_devices(rows: dict[str, queries.DeviceRow], devices: dict[str, dict[str, Any]]) -> None:
+    for name, row in rows.items():
         entry = devices.setdefault(name, _empty_device())
-        row = db.execute(f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger WHERE device_id = ?", (device_id,)).fetchone()
-        if row:
-            counts = dict(zip(LEDGER_FIELDS, row, strict=True))
-            entry.update({key: counts[key] for key in LEDGER_FIELDS if key in CONTRACT_LEDGER})
-            entry["delivered_live"] = counts["delivered_live"]
-            entry["delivered_history"] = counts["delivered_history"]
-            entry["delivered"] = counts["delivered_live"] + counts["delivered_history"]
-        entry["oldest_queued_ts"] = _oldest_ts(db, device_id)
-        budget = db.execute(
-            "SELECT day, points_day, month, messages_month FROM budget WHERE device_id = ?", (device_id,)
-        ).fetchone()
-        if budget:
-            entry["points_today"] = budget[1] if budget[0] == today else 0
-            entry["messages_this_month"] = budget[3] if budget[2] == month else 0
-        state = db.execute(
-            "SELECT state, reason, last_success FROM device_state WHERE device_id = ?", (device_id,)
-        ).fetchone()
-        if state:
-            entry["state"], entry["reason"], entry["last_success_ts"] = state
-        entry["deadletter"] = db.execute(
-            "SELECT COUNT(*) FROM deadletter WHERE device_id = ?", (device_id,)
-        ).fetchone()[0]
+        counts = row.ledger
+        entry.update({key: counts[key] for key in LEDGER_FIELDS if key in CONTRACT_LEDGER})
+        entry["delivered_live"] = counts["delivered_live"]
+        entry["delivered_history"] = counts["delivered_history"]
+        entry["delivered"] = counts["delivered_live"] + counts["delivered_history"]
+        entry["oldest_queued_ts"] = row.oldest_queued_ts
+        entry["points_today"] = row.points_today
+        entry["messages_this_month"] = row.messages_this_month
+        if row.state is not None:
+            entry["state"], entry["reason"], entry["last_success_ts"] = row.state
+        entry["deadletter"] = row.deadletter
 
 
-def _oldest_ts(db: sqlite3.Connection, device_id: int) -> int | None:
-    oldest: int | None = None
-    pin = -1
-    while True:
-        row = db.execute("SELECT MIN(pin) FROM points WHERE device_id = ? AND pin > ?", (device_id, pin)).fetchone()
-        if row is None or row[0] is None:
-            return oldest
-        pin = row[0]
-        ts = db.execute("SELECT MIN(ts) FROM points WHERE device_id = ? AND pin = ?", (device_id, pin)).fetchone()[0]
-        if ts is not None and (oldest is None or ts < oldest):
-            oldest = ts
-
-
-def _read_ports(db: sqlite3.Connection, ports: dict[str, dict[str, Any]]) -> None:
-    for path, state, ok, bad, ignored, reconnects, detail in db.execute(
-        "SELECT path, state, lines_ok, lines_bad, lines_ignored, reconnects, detail FROM ports"
-    ):
+def _read_ports(
+    rows: list[tuple[str, str, int, int, int, int, dict[str, Any]]], ports: dict[str, dict[str, Any]]
+) -> None:
+    for path, state, ok, bad, ignored, reconnects, extra in rows:
         if path not in ports:
             continue
-        extra = json.loads(detail) if detail else {}
         ports[path].update(
             {
                 "state": state,
@@ -194,8 +152,11 @@ def _read_ports(db: sqlite3.Connection, ports: dict[str, dict[str, Any]]) -> Non
         )
 
 
-def _read_daemon(db: sqlite3.Connection) -> dict[str, Any]:
-    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+def _read_daemon(path: Path, meta: dict[str, str]) -> dict[str, Any]:
+    # The lock is the truth (a full disk may keep the daemon from writing its pid); meta is for older daemons.
+    locked = running_pid(path)
+    if locked:
+        return {"running": True, "pid": locked}
     pid = int(meta["pid"]) if meta.get("pid", "").isdigit() else None
     running = meta.get("running") == "1" and pid is not None and _alive(pid)
     return {"running": running, "pid": pid if running else None}

@@ -18,9 +18,12 @@ from typing import Any
 
 import pytest
 
-from edgeforward.buffer import Buffer
 from edgeforward.cloudsim import CloudSim, SimDevice
+from edgeforward.config import load_config
 from edgeforward.points import PinType
+from edgeforward.redact import redact_value
+from edgeforward.status import read_status
+from edgeforward.store import Buffer
 
 TOKEN = "tok-pump-0123456789abcdef0123456789"
 TOKEN_FAN = "tok-fan-0123456789abcdef0123456789"
@@ -176,9 +179,11 @@ class DaemonProcess:
         self.process.wait(PROCESS_STOP_TIMEOUT_S)
 
     def status(self) -> dict[str, Any]:
-        result = edgeforward("status", "--json", "--config", str(self.config))
-        assert result.returncode == 0, result.stderr
-        document: dict[str, Any] = json.loads(result.stdout)
+        """What `status --json` prints, read in this process: polled from a test's event loop, a CLI
+        subprocess would block the loop that serves the test's cloudsim for as long as Python starts
+        (seconds on a loaded machine), and the daemon's requests would time out. `edgeforward("status", ...)`
+        runs the command itself where a test is about the CLI."""
+        document: dict[str, Any] = redact_value(read_status(load_config(self.config, read_tokens=False)))
         return document
 
     def cleanup(self) -> None:

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeforward.blynk import BlynkClient, RateLimiter, RedirectError, Refusal, RefusedError, TransientError, classify
-from edgeforward.buffer import QueuedPoint
 from edgeforward.cloudsim import CloudSim, SimDevice, SimLimits
 from edgeforward.forward.history import build_history_batch
 from edgeforward.points import STRING_MAX_BYTES, PinType, Value, value_json
+from edgeforward.store import QueuedPoint
 
 from .conftest import TOKEN
 from .fakeclock import FakeClock

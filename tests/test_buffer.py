@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeforward.buffer import _SCHEMA, META_INGEST_FAILED, SCHEMA_VERSION, Buffer, BufferFullError, Committed
 from edgeforward.points import Point
+from edgeforward.store import META_INGEST_FAILED, SCHEMA_VERSION, Buffer, Committed, IngestFailedError
+from edgeforward.store.schema import SCHEMA as _SCHEMA
 
 from .conftest import open_buffer
 
@@ -169,11 +170,16 @@ async def file_pages(buf: Buffer) -> int:
         return int(db.execute("PRAGMA page_count").fetchone()[0])
 
 
+def page_size(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("PRAGMA page_size").fetchone()[0])
+
+
 async def test_disk_full_never_crashes_and_ingest_resumes(buffer: Buffer) -> None:
     await buffer.submit(points("pump", 1, 200))
     await buffer.set_page_limit(await file_pages(buffer))
     big = [Point("pump", 1, BASE_TS + i, "x" * 200) for i in range(2000)]
-    with pytest.raises(BufferFullError):
+    with pytest.raises(IngestFailedError):
         await buffer.submit(big)
     counts = await buffer.ledger("pump")
     assert counts["received"] == 200 and ledger_adds_up(counts)
@@ -199,7 +205,7 @@ async def test_byte_cap_really_caps(tmp_path: Path, policy: str) -> None:
         counts = await buf.ledger("pump")
         assert counts["received"] == 30_000 and counts["dropped"] > 0 and counts["queued"] > 0
         assert ledger_adds_up(counts)
-        assert await file_pages(buf) * 4096 <= cap
+        assert await file_pages(buf) * page_size(buf.path) <= cap
         oldest = (await buf.oldest("pump", 1, 1))[0].ts_ms
         newest = await buf.newest("pump", 1)
         assert newest is not None
@@ -219,7 +225,7 @@ async def test_file_shrinks_after_a_backlog_drains(tmp_path: Path) -> None:
         while batch_ := await buf.oldest("pump", 1, 5000):
             await buf.deliver("pump", [p.id for p in batch_], "history")
         await buf.submit(points("pump", 1, 1))
-    assert path.stat().st_size < full * 4096 // 4
+    assert path.stat().st_size < full * page_size(path) // 4
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
 

@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edgeforward.buffer import META_HELD_UNSTAMPED, SCHEMA_VERSION, Buffer, Committed
 from edgeforward.clock import (
     META_CLOCK,
     META_CLOCK_TRUSTED_BOOT,
@@ -40,6 +39,7 @@ from edgeforward.daemon import PortPipeline
 from edgeforward.forward import Forwarder
 from edgeforward.lines import ParseContext, Rejected, parse_line
 from edgeforward.points import PinType, Point
+from edgeforward.store import META_HELD_UNSTAMPED, SCHEMA_VERSION, Buffer, Committed
 
 from .conftest import TOKEN, DaemonProcess, Pty, open_buffer, wait_for, write_config
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from edgeforward.buffer import META_RECOVERY, Buffer
 from edgeforward.cloudsim import CloudSim
 from edgeforward.points import Point
+from edgeforward.store import META_RECOVERY, Buffer
 
 from .conftest import TOKEN, DaemonProcess, Pty, ledger_adds_up, open_buffer, wait_for, write_config
 from .crash_harness import run_crash_harness

@@ -35,11 +35,11 @@ from edgeforward.blynk import (
     TransientError,
     open_session,
 )
-from edgeforward.buffer import token_hash
 from edgeforward.cloudsim import CloudSim, SimDevice
 from edgeforward.errors import EdgeforwardError, RedactedCause
 from edgeforward.points import PinType
 from edgeforward.redact import clear_secrets
+from edgeforward.store import token_hash
 
 from .conftest import TOKEN, DaemonProcess, Pty, edgeforward, write_config
 from .hostile import MODES, REDIRECTS, HostileServer

@@ -22,13 +22,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edgeforward.buffer import Buffer
 from edgeforward.cloudsim import CloudSim
 from edgeforward.config import load_config
 from edgeforward.forward import Forwarder, WaitReason
 from edgeforward.metrics import DaemonView, health
 from edgeforward.notify import Notifier, ProgressMonitor, watchdog_interval_s
 from edgeforward.points import Point
+from edgeforward.store import Buffer
 from edgeforward.timebase import next_utc_month_s
 
 from .conftest import TOKEN, Pty, open_buffer, wait_for, write_config

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from edgeforward import blynk, buffer, cloudsim, config, logs, serial_source
+from edgeforward import blynk, cloudsim, config, logs, serial_source, store
 from edgeforward.config import ConfigError, load_config
 from edgeforward.errors import EdgeforwardError, redacted_cause
 from edgeforward.redact import REDACTED, add_secrets, clear_secrets, redact, redact_value
@@ -80,7 +80,7 @@ def test_one_redaction_everywhere() -> None:
 def test_one_exception_root() -> None:
     roots = [
         blynk.CloudError,
-        buffer.BufferError,
+        store.StoreError,
         config.ConfigError,
         cloudsim.SimError,
         ServerError,

@@ -11,8 +11,8 @@ import enum
 import math
 from dataclasses import dataclass
 
-from ..buffer import Budget
 from ..config import ForwardConfig, Limits
+from ..store import Budget
 from ..timebase import next_utc_day_s, next_utc_month_s, seconds_left_in_month, utc_day, utc_month
 from .planner import history_interval_s, history_messages_left, live_interval_s
 from .state import WaitReason

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..blynk import BlynkClient
-from ..buffer import Buffer
 from ..config import Device, ForwardConfig
+from ..store import Buffer
 from ..timebase import Clock
 from .budget import BudgetGuard
 from .state import DeviceTracker

@@ -18,10 +18,9 @@ import structlog
 
 from ..backoff import Backoff
 from ..blynk import BlynkClient, RateLimiter, Refusal, RefusedError, TransientError
-from ..buffer import Buffer
-from ..buffer import BufferError as StoreError
 from ..config import CloudConfig, Device, ForwardConfig, Limits, resolve_limits
 from ..redact import redact
+from ..store import Buffer, StoreError
 from ..timebase import SYSTEM_CLOCK, Clock, mono_deadline, next_utc_day_s, next_utc_month_s
 from .budget import BudgetGuard, Path, Verdict
 from .context import DeviceContext

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..blynk import Refusal, RefusedError
-from ..buffer import QueuedPoint
+from ..store import QueuedPoint
 from ..timebase import next_utc_day_s
 from .budget import ALLOWED, Path, Verdict
 from .context import DeviceContext

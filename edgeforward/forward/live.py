@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Final
 
 from ..blynk import Refusal, RefusedError
-from ..buffer import QueuedPoint
 from ..points import Value, value_from_json
+from ..store import QueuedPoint
 from .budget import ALLOWED, Path, Verdict
 from .context import DeviceContext
 

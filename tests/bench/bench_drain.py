@@ -11,9 +11,9 @@ from typing import Any
 
 import aiohttp
 
-from edgeforward.buffer import Buffer
 from edgeforward.config import CloudConfig, Device, ForwardConfig, Limits, PinSpec
 from edgeforward.forward import Forwarder
+from edgeforward.store import Buffer
 
 from .common import DEVICE, PIN_TYPES, TOKEN, CloudSimProcess, Result, adds_up, backlog_copy, cpu_seconds, ledger
 

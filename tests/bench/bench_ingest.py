@@ -8,11 +8,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeforward.buffer import Buffer
 from edgeforward.config import load_config
 from edgeforward.daemon import PortPipeline
 from edgeforward.lines import ParseContext, Reading, parse_line
 from edgeforward.points import Point, value_json
+from edgeforward.store import Buffer
 from tests.conftest import wait_for
 
 from .common import (

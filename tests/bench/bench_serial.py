@@ -9,11 +9,11 @@ import tty
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeforward.buffer import Buffer
 from edgeforward.config import load_config
 from edgeforward.daemon import PortPipeline
 from edgeforward.points import Point
 from edgeforward.serial_source import SerialSource
+from edgeforward.store import Buffer
 from tests.conftest import wait_for
 
 from .common import CLOSED_SERVER, DEVICE, POLL_S, Feeder, Result, adds_up, kv_lines, ledger, ptys, write_config

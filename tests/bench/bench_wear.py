@@ -10,10 +10,10 @@ from pathlib import Path
 
 import aiohttp
 
-from edgeforward.buffer import Buffer, Committed
 from edgeforward.config import CloudConfig, Device, ForwardConfig, Limits, PinSpec
 from edgeforward.forward import Forwarder
 from edgeforward.points import Point
+from edgeforward.store import Buffer, Committed
 from tests.conftest import wait_for
 
 from .bench_drain import _batches

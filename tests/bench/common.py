@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeforward.buffer import Buffer
 from edgeforward.points import PinType
+from edgeforward.store import Buffer
 from tests.conftest import Pty, toml_value
 
 TOKEN = "tok-bench-0123456789abcdef0123456"

@@ -12,12 +12,12 @@ from typing import Any
 
 import aiohttp
 
-from edgeforward.buffer import Buffer, Committed
 from edgeforward.cloudsim import CloudSim, SimDevice, SimLimits
 from edgeforward.config import Config, parse_config
 from edgeforward.forward import Forwarder, Peers
 from edgeforward.forward.state import Activity
 from edgeforward.points import PinType, Point
+from edgeforward.store import Buffer, Committed
 
 from ..conftest import TOKEN, open_buffer
 from ..fakeclock import CALENDAR, POLL_S, REAL_TIMEOUT_S, FakeClock

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeforward.buffer import QueuedPoint
 from edgeforward.cloudsim import CloudSim, SimDevice, SimLimits
 from edgeforward.forward import DeviceState, WaitReason
 from edgeforward.forward import history as history_module
 from edgeforward.forward.history import build_history_batch
 from edgeforward.points import Point
+from edgeforward.store import QueuedPoint
 from edgeforward.timebase import next_utc_day_s, next_utc_month_s
 
 from ..conftest import TOKEN, TOKEN_FAN

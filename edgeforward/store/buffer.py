@@ -1,196 +1,74 @@
-"""The SQLite buffer: points, ledger, budgets and state, written by one group-committing task."""
+"""The buffer: points, ledger, budgets and state in one SQLite file, written by one group-committing task."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar, cast
 
 import aiosqlite
 import msgspec
 import structlog
 
-from .errors import EdgeforwardError
-from .points import Point, value_json
-from .redact import redact
-from .servers import ServerError, remembered_target
-from .timebase import utc_day, utc_month
+from ..points import Point, value_json
+from ..redact import redact
+from ..servers import ServerError, remembered_target
+from ..timebase import utc_day, utc_month
+from . import capacity
+from .errors import (
+    IngestFailedError,
+    StoreClosedError,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+    is_full,
+    wrap,
+)
+from .recovery import Recovery, check_file, prepare_file, recover_file
+from .schema import (
+    BUSY_TIMEOUT_MS,
+    LEDGER_FIELDS,
+    META_HELD_UNSTAMPED,
+    META_INGEST_FAILED,
+    PAGE_CACHE_KIB,
+    WAL_AUTOCHECKPOINT_PAGES,
+)
+from .writer import (
+    COMMIT_ATTEMPTS,
+    COMMIT_ERRORS_LOGGED_PER_MINUTE,
+    EXTERNAL_CHECK_S,
+    GROUP_COMMIT_MAX_ITEMS,
+    Op,
+    OpKind,
+    Pending,
+    Retry,
+    WriteFn,
+)
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 3
-PAGE_CACHE_KIB = 1024
-VACUUM_CHECK_INTERVAL_S = 60.0
-VACUUM_MIN_FREED_ROWS = 2_000
-BUSY_TIMEOUT_MS = 10_000
-GROUP_COMMIT_MAX_ITEMS = 20_000
+VACUUM_CHECK_INTERVAL_S: Final = 60.0
+VACUUM_MIN_FREED_ROWS: Final = 2_000
 # Incremental vacuum: give free pages back to the file system once this many are free (and a quarter of the file).
-VACUUM_MIN_FREE_PAGES = 256
-VACUUM_STEP_PAGES = 2048
-# At the byte cap, drop at least this many oldest points per attempt to make room, and try this often.
-ROOM_MIN_POINTS = 500
-ROOM_ATTEMPTS = 20
-CAP_SLACK_PAGES = 8
-COMMIT_ERRORS_LOGGED_PER_MINUTE = 5
-SALVAGE_BATCH_ROWS = 1000
-MIN_ROWID = -(2**63)
-MAX_ROWID = 2**63 - 1
-SQLITE_HEADER_BYTES = 100
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-# Keys of the `meta` table that `status` shows.
-META_RECOVERY: Final = "recovery"
-META_RECOVERIES: Final = "recoveries"
-META_INGEST_FAILED: Final = "ingest_failed"
-META_HELD_UNSTAMPED: Final = "held_unstamped"
-
-# Tables added by a schema version after the first (an older file lacks them until it is migrated).
-TABLES_SINCE = {"held": 3}
-
-# Tables copied out of a damaged buffer, in this order (devices first: the others refer to them).
-SALVAGE_TABLES = ("devices", "points", "held", "ledger", "deadletter", "budget", "device_state", "servers", "meta")
-
-LEDGER_FIELDS = (
-    "received",
-    "delivered_live",
-    "delivered_history",
-    "queued",
-    "expired",
-    "dropped",
-    "rejected",
-    "downsampled",
-)
-
-_SCHEMA = """
-CREATE TABLE devices (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE
-);
-CREATE TABLE points (
-    id INTEGER PRIMARY KEY,
-    device_id INTEGER NOT NULL,
-    pin INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    value TEXT NOT NULL
-);
-CREATE INDEX points_by_pin ON points (device_id, pin, ts);
-CREATE TABLE ledger (
-    device_id INTEGER PRIMARY KEY,
-    received INTEGER NOT NULL DEFAULT 0,
-    delivered_live INTEGER NOT NULL DEFAULT 0,
-    delivered_history INTEGER NOT NULL DEFAULT 0,
-    queued INTEGER NOT NULL DEFAULT 0,
-    expired INTEGER NOT NULL DEFAULT 0,
-    dropped INTEGER NOT NULL DEFAULT 0,
-    rejected INTEGER NOT NULL DEFAULT 0,
-    downsampled INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE deadletter (
-    id INTEGER PRIMARY KEY,
-    device_id INTEGER NOT NULL,
-    pin INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    value TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    at INTEGER NOT NULL
-);
-CREATE TABLE budget (
-    device_id INTEGER PRIMARY KEY,
-    day TEXT NOT NULL,
-    points_day INTEGER NOT NULL,
-    month TEXT NOT NULL,
-    messages_month INTEGER NOT NULL
-);
-CREATE TABLE device_state (
-    device_id INTEGER PRIMARY KEY,
-    state TEXT NOT NULL,
-    reason TEXT,
-    since INTEGER NOT NULL,
-    last_success INTEGER
-);
-CREATE TABLE servers (
-    token_hash TEXT PRIMARY KEY,
-    server TEXT NOT NULL
-);
-CREATE TABLE ports (
-    path TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    lines_ok INTEGER NOT NULL,
-    lines_bad INTEGER NOT NULL,
-    lines_ignored INTEGER NOT NULL,
-    reconnects INTEGER NOT NULL,
-    detail TEXT NOT NULL,
-    updated INTEGER NOT NULL
-);
-CREATE TABLE meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-# Version 3: readings stamped while the wall clock was untrusted (`mono_ms`: CLOCK_BOOTTIME of boot `boot_id`).
-_HELD_SCHEMA = """
-CREATE TABLE IF NOT EXISTS held (
-    id INTEGER PRIMARY KEY,
-    device_id INTEGER NOT NULL,
-    pin INTEGER NOT NULL,
-    mono_ms INTEGER NOT NULL,
-    boot_id TEXT NOT NULL,
-    value TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS held_by_boot ON held (boot_id, id);
-"""
-_SCHEMA += _HELD_SCHEMA
+VACUUM_MIN_FREE_PAGES: Final = 256
+VACUUM_STEP_PAGES: Final = 2048
+LOCK_SUFFIX: Final = ".lock"
 
 DeliveryPath = Literal["live", "history"]
-
-
-class BufferError(EdgeforwardError):
-    """Root of the buffer's errors."""
-
-
-class BufferClosedError(BufferError):
-    """The buffer was closed before the write could be committed."""
-
-
-class BufferFullError(BufferError):
-    """The disk is full: these points could not be committed (counted `ingest_failed`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Recovery:
-    """What opening a damaged buffer did: where the damaged file went and what was saved from it."""
-
-    at_ms: int
-    reason: str
-    moved_to: str
-    salvaged: dict[str, int]
-    lost_points: int
-    lost_by_device: dict[str, int]
-    unreadable_ranges: int
-
-    def as_meta(self) -> str:
-        """Return the JSON stored under the `recovery` meta key."""
-        return json.dumps(
-            {
-                "at": self.at_ms,
-                "reason": self.reason,
-                "moved_to": self.moved_to,
-                "salvaged": self.salvaged,
-                "lost_points": self.lost_points,
-                "lost_by_device": self.lost_by_device,
-                "unreadable_ranges": self.unreadable_ranges,
-            },
-            sort_keys=True,
-        )
+WriteOp = WriteFn
+CheckMode = Literal["auto", "full"]
+_Read = TypeVar("_Read", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,20 +110,50 @@ class Committed:
 
 
 CommitListener = Callable[[Sequence[Committed]], None]
-WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
-
-
-@dataclass
-class _Pending:
-    points: list[Point] = field(default_factory=list)
-    held: list[tuple[str, Point]] = field(default_factory=list)
-    ops: list[tuple[WriteOp, asyncio.Future[Any]]] = field(default_factory=list)
-    point_waiters: list[tuple[asyncio.Future[None], int]] = field(default_factory=list)
 
 
 def token_hash(token: str) -> str:
     """Return a short stable digest of a token (never store the token itself)."""
     return hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+def lock_path(path: Path) -> Path:
+    """Return the file a running daemon holds locked (and writes its PID into) for the buffer at `path`."""
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+def running_pid(path: Path) -> int | None:
+    """Return the PID of the daemon running on the buffer at `path`, or None when none runs."""
+    lock = lock_path(path)
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _reading(method: _Read) -> _Read:
+    """Raise a StoreError (the sqlite error as its cause) from a read that failed."""
+
+    @functools.wraps(method)
+    async def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise wrap(exc, f"reading {method.__name__}") from exc
+        except ValueError as exc:  # aiosqlite: the connection was closed under the read
+            raise StoreClosedError(f"reading {method.__name__}: {exc}") from exc
+
+    return cast(_Read, read)
 
 
 class Buffer:
@@ -260,6 +168,9 @@ class Buffer:
         max_bytes: int = 0,
         full_policy: str = "drop_oldest",
         commit_interval_ms: float = 5.0,
+        exclusive: bool = False,
+        check: CheckMode = "full",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
         self._synchronous = synchronous
@@ -268,12 +179,19 @@ class Buffer:
         self._max_pages = 0
         self._full_policy = full_policy
         self._commit_interval_s = commit_interval_ms / 1000
+        self._exclusive = exclusive
+        self._check = check
+        self._clock = clock
         self._write: aiosqlite.Connection | None = None
         self._read: aiosqlite.Connection | None = None
+        self._lock_fd: int | None = None
         self._device_ids: dict[str, int] = {}
         self._queued_total = 0
-        self._pending = _Pending()
-        self._urgent: list[tuple[WriteOp, asyncio.Future[Any]]] = []
+        self._pending = Pending()
+        self._urgent = False
+        self._retry = Retry()
+        self._commit_lock = asyncio.Lock()
+        self._writer_task: asyncio.Task[None] | None = None
         self._next_vacuum_check = 0.0
         self._freed_rows = 0
         self._wake = asyncio.Event()
@@ -282,46 +200,153 @@ class Buffer:
         self._ingest_failed: dict[str, int] = {}
         self._ingest_failed_dirty = False
         self._full_since: float | None = None
+        self._reserve_released = False
         self._errors_logged: list[float] = []
         self._freed_since_vacuum = False
+        self._data_version = 0
+        self._page_size = 4096
+        self._limit_pages = -1
+        self._disk_limited = False
+        self._simulated_disk_pages: int | None = None
+        self.needs_verify = False
         self.commits = 0
         self.recovery: Recovery | None = None
 
+    # opening and closing ----------------------------------------------------------------------------
+
     async def open(self) -> None:
-        """Open the database: check it, recover it if damaged, create or migrate it."""
-        self.recovery = await asyncio.to_thread(prepare_file, self.path)
-        self._write = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._configure(self._write)
-        if self._max_bytes:
-            async with self._write.execute("PRAGMA page_size") as cursor:
-                row = await cursor.fetchone()
-            page_size = int(row[0]) if row else 4096
-            async with self._write.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page_size)}") as cursor:
-                row = await cursor.fetchone()
-            self._max_pages = int(row[0]) if row else 0
-        self._read = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._configure(self._read)
-        async with self._write.execute("SELECT id, name FROM devices") as cursor:
+        """Open the file: lock it (a daemon), check it, recover it if damaged, create or migrate it.
+
+        Raises StoreLockedError when another daemon runs on it, another StoreError when it cannot be opened.
+        """
+        daemon_elsewhere = False
+        if self._exclusive:
+            self._take_lock()
+        else:
+            daemon_elsewhere = running_pid(self.path) is not None
+        try:
+            if daemon_elsewhere:
+                # The daemon checked, recovered and migrated the file: never move it from under the daemon.
+                self.recovery = None
+            else:
+                # A clean stop leaves no WAL: then the pages are not all read before READY (see verify()).
+                full = self._check == "full" or _stopped_uncleanly(self.path)
+                self.needs_verify = not full
+                if capacity.free_bytes(self.path) < capacity.RESUME_FREE_BYTES:
+                    # Starting on a full disk: the reserve's room lets the file open, drain and free space.
+                    self._reserve_released = await asyncio.to_thread(capacity.release_reserve, self.path)
+                self.recovery = await asyncio.to_thread(prepare_file, self.path, full_check=full)
+            await self._connect()
+            if not daemon_elsewhere:
+                await asyncio.to_thread(capacity.make_reserve, self.path)
+        except BaseException:
+            await self._disconnect()
+            self._release_lock()
+            raise
+
+    def _take_lock(self) -> None:
+        lock = lock_path(self.path)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise wrap(exc, f"locking {self.path}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StoreLockedError(str(self.path), int(text) if text.isdigit() else None) from None
+        with contextlib.suppress(OSError):  # a full disk must not stop the daemon: the lock is what counts
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _connect(self) -> None:
+        try:
+            self._write = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._configure(self._write)
+            self._page_size = int(await self._pragma(self._write, "page_size") or 4096)
+            if self._max_bytes:
+                self._max_pages = max(1, self._max_bytes // self._page_size)
+            self._limit_pages = -1
+            await self._fit_disk()
+            self._read = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._configure(self._read)
+            await self._load_caches()
+        except sqlite3.Error as exc:
+            raise wrap(exc, f"opening {self.path}") from exc
+        if self._ingest_failed_dirty:
+            self._wake.set()
+
+    async def _disconnect(self) -> None:
+        for conn in (self._write, self._read):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await conn.close()
+        self._write = self._read = None
+
+    async def _load_caches(self) -> None:
+        conn = self._connection()
+        async with conn.execute("SELECT id, name FROM devices") as cursor:
             self._device_ids = {name: device_id async for device_id, name in cursor}
         self._queued_total = await self._read_queued_total()
-        async with self._write.execute("SELECT value FROM meta WHERE key = ?", (META_INGEST_FAILED,)) as cursor:
+        self._data_version = int(await self._pragma(conn, "data_version") or 0)
+        async with conn.execute("SELECT value FROM meta WHERE key = ?", (META_INGEST_FAILED,)) as cursor:
             row = await cursor.fetchone()
+        stored: dict[str, int] = {}
         if row:
-            with contextlib.suppress(ValueError, TypeError):
-                self._ingest_failed = {str(k): int(v) for k, v in json.loads(row[0]).items()}
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                stored = {str(k): int(v) for k, v in json.loads(row[0]).items()}
+        # Counts not yet written (the disk was full) stay: the larger of the two is the exact one.
+        for device, count in stored.items():
+            if count >= self._ingest_failed.get(device, 0):
+                self._ingest_failed[device] = count
+        self._ingest_failed_dirty = any(self._ingest_failed.get(d, 0) > stored.get(d, 0) for d in self._ingest_failed)
 
     async def _configure(self, conn: aiosqlite.Connection) -> None:
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        await conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         # Reads are index scans and writes are appends: a small page cache costs little and keeps RSS flat.
         await conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
 
+    @staticmethod
+    async def _pragma(conn: aiosqlite.Connection, pragma: str) -> Any:
+        async with conn.execute(f"PRAGMA {pragma}") as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def verify(self) -> str | None:
+        """Read every page (quick_check) of a file opened after a clean stop; recover it in place if damaged.
+
+        The daemon runs this in the background after READY, so a large buffer starts fast; returns the problem
+        found (None: healthy).
+        """
+        self.needs_verify = False
+        problem = await asyncio.to_thread(check_file, self.path, full=True)
+        if problem is None:
+            return None
+        async with self._commit_lock:
+            await self._disconnect()
+            try:
+                self.recovery = await asyncio.to_thread(recover_file, self.path, problem)
+                await asyncio.to_thread(prepare_file, self.path, full_check=False)
+            finally:
+                await self._connect()
+        return problem
+
     async def set_page_limit(self, pages: int) -> int:
         """Limit the file to `pages` pages (simulates a full disk in tests); return the limit in force."""
-        async with self._connection().execute(f"PRAGMA max_page_count = {int(pages)}") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        self._simulated_disk_pages = int(pages)
+        await self._fit_disk()
+        return self._limit_pages
 
     @property
     def ingest_failed(self) -> dict[str, int]:
@@ -329,18 +354,28 @@ class Buffer:
         return dict(self._ingest_failed)
 
     async def close(self) -> None:
-        """Commit what is pending, checkpoint the WAL and close (after the writer has returned)."""
+        """Wait for the writer to return, commit what is pending, checkpoint and close."""
         self._closing = True
+        self._wake.set()
+        writer = self._writer_task
+        if writer is not None and not writer.done() and writer is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(writer)
         if self._write is not None:
-            await self._flush()
-            with contextlib.suppress(aiosqlite.Error):
-                await self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            await self._write.close()
-            self._write = None
-        if self._read is not None:
-            await self._read.close()
-            self._read = None
-        self._fail_pending(BufferClosedError("buffer closed"))
+            async with self._commit_lock:
+                await self._flush_locked()
+                if self._ingest_failed_dirty or self._retry:
+                    log.error(
+                        "buffer_closed_unsaved",
+                        ingest_failed=sum(self._ingest_failed.values()),
+                        detail="the disk is full: these counts and states could not be written",
+                    )
+                # PASSIVE, not TRUNCATE: the WAL keeps its blocks for the next start (no regrowth).
+                with contextlib.suppress(sqlite3.Error):
+                    await self._pragma(self._write, "wal_checkpoint(PASSIVE)")
+        await self._disconnect()
+        self._release_lock()
+        self._fail_pending(StoreClosedError("buffer closed"))
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call `listener` after every commit that added points."""
@@ -348,7 +383,7 @@ class Buffer:
 
     @property
     def queued_total(self) -> int:
-        """Points queued across all devices."""
+        """Points queued across all devices (other processes' changes included, within a second)."""
         return self._queued_total
 
     # writes -------------------------------------------------------------------------------------
@@ -356,20 +391,17 @@ class Buffer:
     def submit(self, points: Sequence[Point], *, boot_id: str | None = None) -> asyncio.Future[None]:
         """Queue points for the next group commit; the future resolves once they are committed.
 
+        A full disk fails the future with IngestFailedError (the points are counted `ingest_failed`).
         With `boot_id`, the points' `ts_ms` is CLOCK_BOOTTIME of that boot: they are held, not sent,
         until `settle_held` gives them a wall time.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closing:
-            future.set_exception(BufferClosedError("buffer is closing"))
+            future.set_exception(StoreClosedError("buffer is closing"))
             return future
         # The buffer logs commit failures itself; callers that do not look at the outcome stay quiet.
         future.add_done_callback(_consume_exception)
-        if boot_id is None:
-            self._pending.points.extend(points)
-        else:
-            self._pending.held.extend((boot_id, point) for point in points)
-        self._pending.point_waiters.append((future, len(points)))
+        self._pending.submits.append((boot_id, points, future))
         self._wake.set()
         return future
 
@@ -377,25 +409,36 @@ class Buffer:
         """Commit points stamped with CLOCK_BOOTTIME of `boot_id` as held (see `submit`)."""
         return self.submit(points, boot_id=boot_id)
 
-    async def run_op(self, op: WriteOp, *, urgent: bool = False) -> Any:
+    async def run_op(
+        self, op: WriteOp, *, urgent: bool = False, kind: OpKind | None = None, key: Hashable = None
+    ) -> Any:
         """Run a write inside the next group-commit transaction and return its result.
 
-        An urgent op (a request waiting for its budget to be counted) is committed ahead of what is pending.
+        An urgent op (a budget: a request waits for it) is committed at once, with everything queued before it.
         """
         if self._closing and self._write is None:
-            raise BufferClosedError("buffer is closed")
+            raise StoreClosedError("buffer is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        (self._urgent if urgent else self._pending.ops).append((op, future))
+        chosen = kind or (OpKind.BUDGET if urgent else OpKind.CHANGE)
+        self._pending.ops.append(Op(op, future, chosen, key))
+        if chosen is OpKind.BUDGET:
+            self._urgent = True
         self._wake.set()
         return await future
 
     async def run_writer(self) -> None:
         """The one writer: commit whatever arrived in the last few ms, in one transaction, until stopped."""
+        self._writer_task = asyncio.current_task()
         while not self._closing:
-            await self._wake.wait()
-            if self._commit_interval_s > 0 and not self._closing and not self._urgent:
+            timeout = EXTERNAL_CHECK_S
+            if self._retry:
+                timeout = min(timeout, max(0.0, self._retry.due_s - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            if self._wake.is_set() and self._commit_interval_s > 0 and not self._closing and not self._urgent:
                 await asyncio.sleep(self._commit_interval_s)
             await asyncio.shield(self._flush())
+            await self._notice_other_writers()
         await self._flush()
 
     def stop_writer(self) -> None:
@@ -404,38 +447,75 @@ class Buffer:
         self._wake.set()
 
     async def _flush(self) -> None:
+        async with self._commit_lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
         self._wake.clear()
-        while self._urgent or self._pending.points or self._pending.held or self._pending.ops:
-            if self._urgent:
-                urgent, self._urgent = self._urgent, []
-                await self._commit(_Pending(ops=urgent))
-                continue
-            pending, self._pending = self._pending, _Pending()
-            await self._commit(pending)
+        if self._write is None:
+            return
+        retry_due = bool(self._retry) and (self._closing or self._clock() >= self._retry.due_s)
+        while self._pending or self._ingest_failed_dirty or retry_due:
+            pending, self._pending = self._pending, Pending()
+            rest = pending.split(GROUP_COMMIT_MAX_ITEMS)
+            if rest:
+                # A bounded transaction: on a full disk only what did not fit is refused, not a whole backlog.
+                rest.submits.extend(self._pending.submits)
+                rest.ops = self._pending.ops
+                self._pending = rest
+            self._urgent = False
+            if retry_due:
+                facts = {op.key for op in pending.ops if op.kind is OpKind.FACT and op.key is not None}
+                pending.ops[:0] = self._retry.take(facts)
+            retry_due = False
+            if not await self._commit(pending):
+                break
         await self._maintain()
 
-    async def _commit(self, pending: _Pending) -> None:
-        ingest_error: BufferFullError | None = None
-        try:
+    async def _commit(self, pending: Pending) -> bool:
+        """Commit one batch; return False when it failed (what must survive is kept for a retry)."""
+        readings = pending.readings
+        failure: sqlite3.Error | _SkipReadings | None = None
+        committed: list[Committed] = []
+        results: list[Any] = []
+        if readings and self._reserve_released and not capacity.room_to_resume(self.path):
+            failure = _SkipReadings("the disk is still full")
+        else:
+            for attempt in range(1, COMMIT_ATTEMPTS + 1):
+                try:
+                    committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
+                except sqlite3.Error as exc:
+                    failure = exc
+                    if is_full(exc) or attempt == COMMIT_ATTEMPTS:
+                        break
+                    self._log_commit_error(exc, pending)
+                    await asyncio.sleep(0.05 * attempt)
+                else:
+                    failure = None
+                    break
+        ingest_error: StoreError | None = None
+        if failure is not None:
+            if not readings:
+                try:
+                    results = await self._ops_transaction(pending.ops, failure)
+                except sqlite3.Error as exc:
+                    return self._ops_failed(pending, exc)
             try:
-                committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
-            except sqlite3.Error as exc:
-                if not (pending.points or pending.held) or not _is_full(exc):
-                    raise
-                committed, results, ingest_error = await self._commit_when_full(pending)
-        except sqlite3.Error as exc:
-            self._log_commit_error(exc, pending)
-            self._fail(pending, exc)
-            await self._reload_queued_total()
-            return
+                committed, results, ingest_error = await self._commit_without(pending, failure)
+            except sqlite3.Error as second:
+                self._fail_readings(pending, IngestFailedError(f"{len(readings)} readings not committed"))
+                return self._ops_failed(pending, second)
         self.commits += 1
-        if ingest_error is None and self._full_since is not None:
-            log.warning("buffer_ingest_resumed", full_for_s=round(time.monotonic() - self._full_since, 1))
+        self._retry.succeeded()
+        if ingest_error is None and readings and self._full_since is not None:
+            log.warning("buffer_ingest_resumed", full_for_s=round(self._clock() - self._full_since, 1))
             self._full_since = None
-        for (_, future), result in zip(pending.ops, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-        for waiter, _ in pending.point_waiters:
+            if self._reserve_released and await asyncio.to_thread(capacity.make_reserve, self.path):
+                self._reserve_released = False
+        for op, result in zip(pending.ops, results, strict=True):
+            if not op.future.done():
+                op.future.set_result(result)
+        for waiter in pending.waiters:
             if not waiter.done():
                 if ingest_error is None:
                     waiter.set_result(None)
@@ -444,11 +524,93 @@ class Buffer:
         if committed:
             for listener in self._listeners:
                 listener(committed)
+        return True
+
+    async def _commit_without(
+        self, pending: Pending, failure: sqlite3.Error | _SkipReadings
+    ) -> tuple[list[Committed], list[Any], StoreError | None]:
+        """The readings did not fit: make room at the byte cap, or give them up (counted); the ops still run."""
+        readings = pending.readings
+        if isinstance(failure, sqlite3.Error) and is_full(failure) and await self._at_byte_cap():
+            try:
+                if self._full_policy == "drop_oldest":
+                    for _ in range(capacity.ROOM_ATTEMPTS):
+                        if not await self._make_room(len(readings)):
+                            break
+                        try:
+                            committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
+                        except sqlite3.Error as again:
+                            if not is_full(again):
+                                raise
+                            continue
+                        return committed, results, None
+                else:
+                    _, results = await self._transaction(
+                        pending.points, pending.ops, held=pending.held, cap_dropped=True
+                    )
+                    log.warning("buffer_full_dropped_newest", points=len(readings), max_bytes=self._max_bytes)
+                    return [], results, None
+            except sqlite3.Error as exc:
+                failure = exc
+        if isinstance(failure, sqlite3.Error):
+            self._log_commit_error(failure, pending)
+        # Counted before the ops are tried: the count rides with them, or stays in memory until a commit takes it.
+        self._count_ingest_failed(readings)
+        error = IngestFailedError(f"{failure}: {len(readings)} readings not committed")
+        error.__cause__ = failure
+        return [], await self._ops_transaction(pending.ops), error
+
+    async def _ops_transaction(self, ops: list[Op], failed: BaseException | None = None) -> list[Any]:
+        """Commit the ops alone; on a full disk give them the reserve's room and a fresh WAL, then try once more."""
+        if failed is None:
+            try:
+                _, results = await self._transaction([], ops)
+            except sqlite3.Error as exc:
+                failed = exc
+            else:
+                return results
+        if not (isinstance(failed, sqlite3.Error) and is_full(failed)):
+            raise failed
+        await self._make_disk_room()
+        _, results = await self._transaction([], ops)
+        return results
+
+    async def _make_disk_room(self) -> None:
+        if await asyncio.to_thread(capacity.release_reserve, self.path):
+            self._reserve_released = True
+        # A checkpoint lets the WAL start again from its beginning, over blocks the file already has.
+        with contextlib.suppress(sqlite3.Error):
+            await self._pragma(self._connection(), "wal_checkpoint(RESTART)")
+
+    def _ops_failed(self, pending: Pending, exc: sqlite3.Error | None) -> bool:
+        ops = pending.ops
+        if exc is not None:
+            self._log_commit_error(exc, pending)
+        error = wrap(exc, "commit") if exc is not None else StoreFullError("disk full")
+        if exc is not None:
+            error.__cause__ = exc
+        for op in ops:
+            if op.future.done():
+                continue
+            if op.kind is OpKind.FACT:
+                op.future.set_result(None)  # kept below and written later: the caller never waits for it
+            elif op.kind is not OpKind.LIFECYCLE:
+                op.future.set_exception(error)
+        self._retry.keep([op for op in ops if op.kind in (OpKind.FACT, OpKind.LIFECYCLE)], self._clock())
+        if isinstance(error, StoreCorruptError):
+            self.needs_verify = True
+        self._wake.set()
+        return False
+
+    def _fail_readings(self, pending: Pending, error: StoreError) -> None:
+        for waiter in pending.waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
 
     async def _transaction(
         self,
         points: list[Point],
-        ops: list[tuple[WriteOp, asyncio.Future[Any]]],
+        ops: list[Op],
         *,
         held: Sequence[tuple[str, Point]] = (),
         cap_dropped: bool = False,
@@ -468,8 +630,8 @@ class Buffer:
                 if held:
                     await self._insert_held(conn, held)
             queued_before_ops = self._queued_total
-            for op, _ in ops:
-                results.append(await op(conn))
+            for op in ops:
+                results.append(await op.fn(conn))
             if self._ingest_failed_dirty:
                 await conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -486,49 +648,42 @@ class Buffer:
             self._freed_rows += max(0, queued_before_ops - self._queued_total)
         return committed, results
 
-    async def _commit_when_full(self, pending: _Pending) -> tuple[list[Committed], list[Any], BufferFullError | None]:
-        """The points did not fit: make room (byte cap) or give them up (disk full); the ops still run."""
-        if await self._at_byte_cap():
-            if self._full_policy == "drop_oldest":
-                for _ in range(ROOM_ATTEMPTS):
-                    if not await self._make_room(len(pending.points) + len(pending.held)):
-                        break
-                    try:
-                        committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
-                    except sqlite3.Error as exc:
-                        if not _is_full(exc):
-                            raise
-                        continue
-                    return committed, results, None
-            else:
-                _, results = await self._transaction(pending.points, pending.ops, held=pending.held, cap_dropped=True)
-                log.warning(
-                    "buffer_full_dropped_newest",
-                    points=len(pending.points) + len(pending.held),
-                    max_bytes=self._max_bytes,
-                )
-                return [], results, None
-        lost = [*pending.points, *(point for _, point in pending.held)]
-        self._count_ingest_failed(lost)
-        _, results = await self._transaction([], pending.ops)
-        return [], results, BufferFullError(f"disk full: {len(lost)} readings not committed")
+    async def _fit_disk(self) -> None:
+        """Keep the file from growing into the room its WAL needs: on a full disk the file then refuses new
+        readings early (free pages still take them), while deliveries, budgets and state commit, and free pages."""
+        conn = self._connection()
+        free = capacity.free_bytes(self.path)
+        headroom = capacity.wal_headroom(self.path, self._page_size)
+        if free >= 4 * headroom:
+            disk_pages = None
+        else:
+            pages = int(await self._pragma(conn, "page_count") or 0)
+            disk_pages = pages + max(0, free - headroom) // self._page_size
+        if self._simulated_disk_pages is not None:
+            disk_pages = min(disk_pages or capacity.MAX_PAGES, self._simulated_disk_pages)
+        limit = min(p for p in (self._max_pages or None, disk_pages, capacity.MAX_PAGES) if p is not None)
+        self._disk_limited = disk_pages is not None and limit == disk_pages and limit != self._max_pages
+        if limit != self._limit_pages:
+            self._limit_pages = int(await self._pragma(conn, f"max_page_count = {limit}") or limit)
 
     async def _at_byte_cap(self) -> bool:
-        if not self._max_pages:
+        if not self._max_pages or self._disk_limited:
             return False
-        async with self._connection().execute("PRAGMA page_count") as cursor:
-            row = await cursor.fetchone()
-        return row is not None and int(row[0]) >= self._max_pages - CAP_SLACK_PAGES
+        pages = int(await self._pragma(self._connection(), "page_count") or 0)
+        if pages >= self._max_pages - capacity.CAP_SLACK_PAGES:
+            return True
+        # A commit larger than the pages left under the cap: the cap refused it if the disk itself has room.
+        return await asyncio.to_thread(capacity.free_bytes, self.path) >= capacity.RESUME_FREE_BYTES
 
     async def _make_room(self, wanted: int) -> bool:
         """Drop the oldest points in their own transaction; False when there is nothing left to drop."""
-        count = max(wanted, ROOM_MIN_POINTS, self._queued_total // 100)
+        count = max(wanted, capacity.ROOM_MIN_POINTS, self._queued_total // 100)
         dropped: list[int] = []
 
         async def op(conn: aiosqlite.Connection) -> None:
             dropped.append(await self._drop_oldest(conn, count))
 
-        await self._transaction([], [(op, asyncio.get_running_loop().create_future())])
+        await self._transaction([], [Op(op, asyncio.get_running_loop().create_future())])
         return bool(dropped and dropped[0])
 
     async def _count_dropped_new(self, conn: aiosqlite.Connection, points: list[Point]) -> None:
@@ -544,11 +699,11 @@ class Buffer:
             self._ingest_failed[point.device] = self._ingest_failed.get(point.device, 0) + 1
         self._ingest_failed_dirty = True
         if self._full_since is None:
-            self._full_since = time.monotonic()
+            self._full_since = self._clock()
             log.error("buffer_disk_full", points=len(points), ingest_failed=sum(self._ingest_failed.values()))
 
-    def _log_commit_error(self, exc: sqlite3.Error, pending: _Pending) -> None:
-        now = time.monotonic()
+    def _log_commit_error(self, exc: sqlite3.Error, pending: Pending) -> None:
+        now = self._clock()
         self._errors_logged = [t for t in self._errors_logged if now - t < 60]
         if len(self._errors_logged) < COMMIT_ERRORS_LOGGED_PER_MINUTE:
             self._errors_logged.append(now)
@@ -559,67 +714,74 @@ class Buffer:
                 ops=len(pending.ops),
             )
 
+    async def _notice_other_writers(self) -> None:
+        """Reload the counters when another process (import, deadletter retry) committed to the file."""
+        async with self._commit_lock:
+            await self._notice_other_writers_locked()
+
+    async def _notice_other_writers_locked(self) -> None:
+        if self._write is None:
+            return
+        try:
+            version = int(await self._pragma(self._write, "data_version") or 0)
+            if version != self._data_version:
+                self._data_version = version
+                async with self._write.execute("SELECT id, name FROM devices") as cursor:
+                    self._device_ids.update({name: device_id async for device_id, name in cursor})
+                self._queued_total = await self._read_queued_total()
+        except (sqlite3.Error, ValueError) as exc:
+            log.debug("buffer_external_check_failed", error=str(exc))
+
     async def _maintain(self) -> None:
         """Give free pages back to the file system once a backlog has drained (incremental vacuum)."""
-        now = time.monotonic()
+        if self._write is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._fit_disk()
+        now = self._clock()
         # Two PRAGMA round trips after every delivery would be most of an idle gateway's CPU: look only once
         # many rows were freed, or now and then.
         due = self._freed_rows >= VACUUM_MIN_FREED_ROWS or (self._freed_rows and now >= self._next_vacuum_check)
-        if not (self._freed_since_vacuum or due) or self._write is None:
+        if not (self._freed_since_vacuum or due or self._reserve_released) or self._write is None:
             return
         self._next_vacuum_check = now + VACUUM_CHECK_INTERVAL_S
         self._freed_rows = 0
         self._freed_since_vacuum = False
         try:
-            async with self._write.execute("PRAGMA freelist_count") as cursor:
-                free = await cursor.fetchone()
-            async with self._write.execute("PRAGMA page_count") as cursor:
-                total = await cursor.fetchone()
-            if not free or not total or free[0] < max(VACUUM_MIN_FREE_PAGES, total[0] // 4):
+            free = int(await self._pragma(self._write, "freelist_count") or 0)
+            total = int(await self._pragma(self._write, "page_count") or 0)
+            # On a full disk every free page given back is room for readings again.
+            threshold = 1 if self._reserve_released else max(VACUUM_MIN_FREE_PAGES, total // 4)
+            if not free or not total or free < threshold:
                 return
             # execute() would step the pragma once, freeing a single page; a script runs it to completion.
             await self._write.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
             # The file only shrinks when the WAL is copied back into it.
-            async with self._write.execute("PRAGMA wal_checkpoint(PASSIVE)") as cursor:
-                await cursor.fetchall()
-            self._freed_since_vacuum = free[0] > VACUUM_STEP_PAGES  # more to give back: go on at the next commit
-            log.debug("buffer_vacuumed", free_pages=free[0], pages=total[0])
+            await self._pragma(self._write, "wal_checkpoint(PASSIVE)")
+            self._freed_since_vacuum = free > VACUUM_STEP_PAGES  # more to give back: go on at the next commit
+            log.debug("buffer_vacuumed", free_pages=free, pages=total)
         except sqlite3.Error as exc:
             log.warning("buffer_vacuum_failed", error=str(exc))
 
-    def _fail(self, pending: _Pending, exc: Exception) -> None:
-        for _, future in pending.ops:
-            if not future.done():
-                future.set_exception(exc)
-        for waiter, _ in pending.point_waiters:
-            if not waiter.done():
-                waiter.set_exception(exc)
-
     def _fail_pending(self, exc: Exception) -> None:
-        pending, self._pending = self._pending, _Pending()
-        pending.ops.extend(self._urgent)
-        self._urgent = []
-        self._fail(pending, exc)
+        pending, self._pending = self._pending, Pending()
+        kept = self._retry.take(set())
+        for op in [*pending.ops, *kept]:
+            if not op.future.done():
+                op.future.set_exception(exc)
+        self._fail_readings(pending, StoreClosedError(str(exc)))
 
     async def _read_queued_total(self) -> int:
         async with self._connection().execute("SELECT COALESCE(SUM(queued), 0) FROM ledger") as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
-    async def _reload_queued_total(self) -> None:
-        with contextlib.suppress(aiosqlite.Error):
-            self._queued_total = await self._read_queued_total()
+    # the point lifecycle ------------------------------------------------------------------------
 
     async def _fit(self, conn: aiosqlite.Connection, points: Sequence[Point]) -> tuple[int, int]:
         """Apply the point cap to new points: return the slice [start, stop) of them that is kept."""
-        start, stop = 0, len(points)
-        room = self._max_points - self._queued_total
-        if len(points) > room:
-            if self._full_policy == "drop_newest":
-                stop = max(room, 0)
-            else:
-                await self._drop_oldest(conn, len(points) - max(room, 0))
-                start = max(len(points) - self._max_points, 0)
+        drop, start, stop = capacity.fit(self._queued_total, self._max_points, len(points), self._full_policy)
+        if drop:
+            await self._drop_oldest(conn, drop)
         dropped_new: dict[int, int] = {}
         for point in (*points[:start], *points[stop:]):
             device_id = await self._device_id(conn, point.device)
@@ -704,6 +866,8 @@ class Buffer:
             (device_id, *(deltas[c] for c in columns)),
         )
 
+    # the point lifecycle, budgets and state, for the forwarder --------------------------------------
+
     async def device_id(self, name: str) -> int:
         """Return (creating if needed) the numeric id of a device."""
         known = self._device_ids.get(name)
@@ -732,7 +896,7 @@ class Buffer:
                 self._queued_total -= count
             return count
 
-        result: int = await self.run_op(op)
+        result: int = await self.run_op(op, kind=OpKind.LIFECYCLE)
         return result
 
     async def reject(self, device: str, points: Sequence[QueuedPoint], reason: str) -> int:
@@ -750,6 +914,30 @@ class Buffer:
                 await self._add_ledger(conn, device_id, queued=-count, rejected=count)
                 self._queued_total -= count
             return count
+
+        result: int = await self.run_op(op, kind=OpKind.LIFECYCLE)
+        return result
+
+    async def import_points(self, points: Sequence[Point]) -> int:
+        """Queue the points no earlier import queued and remember them, in one transaction; return how many."""
+        unique = list({(p.device, p.pin, p.ts_ms): p for p in points}.values())
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            fresh: list[Point] = []
+            for point in unique:
+                async with conn.execute(
+                    "SELECT 1 FROM import_seen WHERE device = ? AND pin = ? AND ts = ?",
+                    (point.device, point.pin, point.ts_ms),
+                ) as cursor:
+                    if await cursor.fetchone() is None:
+                        fresh.append(point)
+            if fresh:
+                await self._insert(conn, fresh)
+                await conn.executemany(
+                    "INSERT OR IGNORE INTO import_seen (device, pin, ts) VALUES (?, ?, ?)",
+                    [(p.device, p.pin, p.ts_ms) for p in fresh],
+                )
+            return len(fresh)
 
         result: int = await self.run_op(op)
         return result
@@ -799,7 +987,7 @@ class Buffer:
             )
             return Settled(rebased, stamped, unstamped)
 
-        settled: Settled = await self.run_op(op)
+        settled: Settled = await self.run_op(op, kind=OpKind.LIFECYCLE)
         names = {device_id: name for name, device_id in self._device_ids.items()}
         pins: dict[str, set[int]] = {}
         for device_id, pin in moved:
@@ -810,6 +998,7 @@ class Buffer:
                 listener(committed)
         return settled
 
+    @_reading
     async def held_by_boot(self) -> dict[str, int]:
         """Return how many readings are held (awaiting a trusted clock) per boot id."""
         async with self._reader().execute("SELECT boot_id, COUNT(*) FROM held GROUP BY boot_id") as cursor:
@@ -829,7 +1018,7 @@ class Buffer:
                 self._queued_total -= count
             return count
 
-        result: int = await self.run_op(op)
+        result: int = await self.run_op(op, kind=OpKind.LIFECYCLE)
         return result
 
     @staticmethod
@@ -857,9 +1046,10 @@ class Buffer:
             )
             return spent
 
-        result: Budget = await self.run_op(op, urgent=True)
+        result: Budget = await self.run_op(op, kind=OpKind.BUDGET)
         return result
 
+    @_reading
     async def budget(self, device: str, now_s: float) -> Budget:
         """Return what the device has spent today and this month."""
         device_id = await self.device_id(device)
@@ -892,8 +1082,9 @@ class Buffer:
                 (device_id, state, None if reason is None else redact(reason), now_ms, success_ms),
             )
 
-        await self.run_op(op)
+        await self.run_op(op, kind=OpKind.FACT, key=("state", device_id))
 
+    @_reading
     async def remembered_server(self, token: str, configured: str | None = None) -> str | None:
         """Return the server the cloud redirected this token to, if any; one no longer fit to use is forgotten."""
         async with self._reader().execute(
@@ -925,7 +1116,7 @@ class Buffer:
                 "INSERT OR REPLACE INTO servers (token_hash, server) VALUES (?, ?)", (token_hash(token), server)
             )
 
-        await self.run_op(op)
+        await self.run_op(op, kind=OpKind.FACT, key=("server", token_hash(token)))
 
     async def save_ports(self, rows: Iterable[tuple[str, str, int, int, int, int, str]]) -> None:
         """Store a snapshot of the ports' state and counters for `status`."""
@@ -940,7 +1131,7 @@ class Buffer:
                 values,
             )
 
-        await self.run_op(op)
+        await self.run_op(op, kind=OpKind.FACT, key="ports")
 
     async def saved_ports(self) -> dict[str, tuple[int, int, int, int, str]]:
         """Return each port's last stored counters (lines ok, bad, ignored, reconnects, detail JSON)."""
@@ -955,16 +1146,18 @@ class Buffer:
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(items.items()))
 
-        await self.run_op(op)
+        await self.run_op(op, kind=OpKind.FACT, key=("meta", *sorted(items)))
 
     # reads --------------------------------------------------------------------------------------
 
+    @_reading
     async def meta(self, key: str) -> str | None:
         """Return one value of the `meta` table."""
         async with self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)) as cursor:
             row = await cursor.fetchone()
         return str(row[0]) if row else None
 
+    @_reading
     async def pins_queued(self, device: str) -> list[int]:
         """Return the pins that have queued points (a skip-scan over the index)."""
         device_id = self._device_ids.get(device)
@@ -983,6 +1176,7 @@ class Buffer:
             last = int(row[0])
             pins.append(last)
 
+    @_reading
     async def newest(self, device: str, pin: int) -> QueuedPoint | None:
         """Return the newest queued point of one pin."""
         device_id = self._device_ids.get(device)
@@ -995,6 +1189,7 @@ class Buffer:
             row = await cursor.fetchone()
         return QueuedPoint(row[0], pin, row[1], row[2]) if row else None
 
+    @_reading
     async def oldest(
         self, device: str, pin: int, limit: int, *, max_id: int | None = None, after: tuple[int, int] | None = None
     ) -> list[QueuedPoint]:
@@ -1011,6 +1206,7 @@ class Buffer:
         )
         return [QueuedPoint(row[0], pin, row[1], row[2]) for row in rows]
 
+    @_reading
     async def count_queued(
         self, device: str, pin: int, *, max_id: int | None = None, before_ts: int | None = None
     ) -> int:
@@ -1030,12 +1226,14 @@ class Buffer:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
+    @_reading
     async def max_id(self) -> int:
         """Return the highest point row id ever committed so far."""
         async with self._reader().execute("SELECT COALESCE(MAX(id), 0) FROM points") as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
+    @_reading
     async def oldest_ts(self, device: str) -> int | None:
         """Return the timestamp of the device's oldest queued point."""
         oldest: int | None = None
@@ -1051,6 +1249,7 @@ class Buffer:
                 oldest = int(row[0])
         return oldest
 
+    @_reading
     async def ledger(self, device: str) -> dict[str, int]:
         """Return a device's ledger counters."""
         device_id = self._device_ids.get(device)
@@ -1067,322 +1266,25 @@ class Buffer:
 
     def _connection(self) -> aiosqlite.Connection:
         if self._write is None:
-            raise BufferClosedError("buffer is not open")
+            raise StoreClosedError("buffer is not open")
         return self._write
 
     def _reader(self) -> aiosqlite.Connection:
         if self._read is None:
-            raise BufferClosedError("buffer is not open")
+            raise StoreClosedError("buffer is not open")
         return self._read
+
+
+class _SkipReadings(Exception):
+    """The disk is still full: readings are counted `ingest_failed` without trying to write them."""
+
+
+def _stopped_uncleanly(path: Path) -> bool:
+    """Whether the last process to close the file did not (a WAL with frames is left behind)."""
+    wal = Path(f"{path}-wal")
+    return not path.exists() or (wal.exists() and wal.stat().st_size > 0)
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _is_full(exc: sqlite3.Error) -> bool:
-    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
-
-
-# opening, checking, migrating and recovering the file (synchronous, run in a thread) ---------------
-
-
-def prepare_file(path: Path) -> Recovery | None:
-    """Make `path` a healthy buffer of the current schema; move a damaged one aside and salvage it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    problem = check_file(path)
-    recovery = None
-    if problem is not None:
-        recovery = recover_file(path, problem)
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
-        migrate(conn)
-        if recovery is not None:
-            count = conn.execute("SELECT value FROM meta WHERE key = ?", (META_RECOVERIES,)).fetchone()
-            conn.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [
-                    (META_RECOVERY, recovery.as_meta()),
-                    (META_RECOVERIES, str(int(count[0]) + 1 if count and str(count[0]).isdigit() else 1)),
-                ],
-            )
-    return recovery
-
-
-def check_file(path: Path) -> str | None:
-    """Return why `path` cannot be used as it is, or None when it is healthy (or absent)."""
-    if not path.exists() and not path.is_symlink():
-        return None
-    if not path.is_file():
-        return "not a regular file"
-    try:
-        # Read-only: a damaged file (and a WAL that may not be its own) stays exactly as it was found.
-        uri = f"file:{path}?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)) as db:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                return f"schema version {version} is newer than this edgeforward's ({SCHEMA_VERSION})"
-            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check(10)")]
-            if problems != ["ok"]:
-                return "quick_check: " + "; ".join(problems)
-            if version == 0:
-                tables = db.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()[0]
-                return "not an edgeforward buffer" if tables else None
-            expected = {table for table in _expected_columns() if TABLES_SINCE.get(table, 1) <= version}
-            missing = expected - {row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
-            if missing:
-                return "missing tables: " + ", ".join(sorted(missing))
-            for table in ("devices", "ledger", "meta"):
-                db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
-    except sqlite3.Error as exc:
-        return f"{type(exc).__name__}: {exc}"
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc.strerror}"
-    return None
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Create the schema, or bring an older one to the current version."""
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version == SCHEMA_VERSION:
-        return
-    if version == 0:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    if version < 2:
-        # Version 2: incremental auto-vacuum, which SQLite only applies by rebuilding the file once.
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        try:
-            conn.execute("VACUUM")
-        except sqlite3.Error as exc:
-            log.warning("buffer_vacuum_failed", error=str(exc), detail="the file will not shrink after a backlog")
-    # Version 3: the table of readings held until the wall clock is trusted.
-    conn.executescript(f"BEGIN IMMEDIATE; {_HELD_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-
-
-def _expected_columns() -> dict[str, list[str]]:
-    with contextlib.closing(sqlite3.connect(":memory:")) as db:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")]
-        return {table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")] for table in tables}
-
-
-def recover_file(path: Path, reason: str) -> Recovery:
-    """Move the damaged file (and its WAL) aside, never deleting it, and salvage what it still holds."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-    serial = 0
-    while aside.exists() or aside.is_symlink():
-        serial += 1
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{serial}")
-    os.replace(path, aside)
-    for suffix in ("-wal", "-shm"):
-        companion = Path(f"{path}{suffix}")
-        if companion.exists() or companion.is_symlink():
-            os.replace(companion, Path(f"{aside}{suffix}"))
-    log.error("buffer_damaged", reason=reason, moved_to=str(aside))
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as fresh:
-        migrate(fresh)
-        salvaged, unreadable = _salvage(aside, path, fresh)
-        lost = _reconcile(fresh)
-    recovery = Recovery(
-        at_ms=time.time_ns() // 1_000_000,
-        reason=reason,
-        moved_to=str(aside),
-        salvaged=salvaged,
-        lost_points=sum(lost.values()),
-        lost_by_device=lost,
-        unreadable_ranges=unreadable,
-    )
-    log.error(
-        "buffer_recovered",
-        reason=reason,
-        moved_to=str(aside),
-        salvaged=salvaged,
-        lost_points=recovery.lost_points,
-        lost_by_device=lost,
-        unreadable_ranges=unreadable,
-    )
-    return recovery
-
-
-def _salvage(aside: Path, path: Path, fresh: sqlite3.Connection) -> tuple[dict[str, int], int]:
-    """Copy every readable row of the damaged file into `fresh`; return rows per table and unreadable ranges."""
-    salvaged = dict.fromkeys(SALVAGE_TABLES, 0)
-    if not aside.is_file():
-        return salvaged, 0
-    repaired = path.with_name(f"{path.name}.salvage-tmp")
-    source = _open_damaged(aside, repaired)
-    if source is None:
-        return salvaged, 0
-    unreadable = 0
-    expected = _expected_columns()
-    try:
-        fresh.execute("BEGIN IMMEDIATE")
-        for table in SALVAGE_TABLES:
-            try:
-                present = {row[1] for row in source.execute(f"PRAGMA table_info({table})")}
-            except sqlite3.Error:
-                continue
-            columns = [c for c in expected[table] if c in present]
-            if not columns:
-                continue
-            insert = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            for rows, bad in _readable_rows(source, table, columns):
-                unreadable += bad
-                fresh.executemany(insert, rows)
-                salvaged[table] += len(rows)
-        fresh.execute("DELETE FROM meta WHERE key IN ('pid', 'running')")
-        fresh.execute("COMMIT")
-    finally:
-        source.close()
-        with contextlib.suppress(FileNotFoundError):
-            repaired.unlink()
-    return salvaged, unreadable
-
-
-def _open_damaged(aside: Path, repaired: Path) -> sqlite3.Connection | None:
-    """Open the damaged file read-only (with its WAL, else without it, else a copy with a rebuilt header)."""
-    for uri in (f"file:{aside}?mode=ro", f"file:{aside}?immutable=1"):
-        try:
-            source = sqlite3.connect(uri, uri=True)
-            tables = source.execute("SELECT COUNT(*) FROM sqlite_schema WHERE name = 'points'").fetchone()[0]
-        except sqlite3.Error:
-            continue
-        if tables:
-            return source
-        source.close()
-    try:
-        shutil.copyfile(aside, repaired)
-        _rebuild_header(repaired)
-        source = sqlite3.connect(f"file:{repaired}?immutable=1", uri=True)
-        source.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
-    except (sqlite3.Error, OSError) as exc:
-        log.error("buffer_unreadable", error=str(exc), file=str(aside))
-        return None
-    return source
-
-
-def _rebuild_header(copy: Path) -> None:
-    """Replace the first 100 bytes of a copy with a valid header guessed from the file's size."""
-    size = copy.stat().st_size
-    with copy.open("r+b") as file:
-        header = bytearray(file.read(SQLITE_HEADER_BYTES))
-        stated = int.from_bytes(header[16:18], "big") if len(header) >= 18 else 0
-        page_size = 65536 if stated == 1 else stated
-        if page_size < 512 or page_size & (page_size - 1) or size % page_size:
-            page_size = 4096
-        with contextlib.closing(sqlite3.connect(":memory:")) as template_db:
-            template_db.execute(f"PRAGMA page_size = {page_size}")
-            template_db.execute("CREATE TABLE t (x)")
-            template = bytearray(template_db.serialize()[:SQLITE_HEADER_BYTES])
-        template[18:20] = b"\x01\x01"  # legacy journal: no WAL index needed to read the copy
-        template[28:32] = (size // page_size).to_bytes(4, "big")
-        template[32:40] = bytes(8)  # no freelist: reading needs none
-        file.seek(0)
-        file.write(template)
-
-
-def _readable_rows(
-    source: sqlite3.Connection, table: str, columns: list[str]
-) -> Iterator[tuple[list[tuple[Any, ...]], int]]:
-    """Yield (rows, unreadable ranges) in rowid order, stepping over ranges that cannot be read."""
-    select = f"SELECT rowid, {', '.join(columns)} FROM {table} WHERE rowid >= ? ORDER BY rowid"
-    start = MIN_ROWID
-    while True:
-        rows: list[tuple[Any, ...]] = []
-        last: int | None = None
-        try:
-            for row in source.execute(select, (start,)):
-                rows.append(row[1:])
-                last = int(row[0])
-                if len(rows) >= SALVAGE_BATCH_ROWS:
-                    yield rows, 0
-                    rows = []
-        except sqlite3.Error:
-            yield rows, 1
-            resume = last + 1 if last is not None else start + 1
-            found = _next_readable(source, table, resume)
-            if found is None:
-                return
-            start = found
-            continue
-        yield rows, 0
-        return
-
-
-def _next_readable(source: sqlite3.Connection, table: str, resume: int) -> int | None:
-    """Return the smallest rowid position from which the table reads again (doubling, then bisecting)."""
-    probe = f"SELECT rowid FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT 1"
-
-    def readable(position: int) -> bool:
-        try:
-            source.execute(probe, (position,)).fetchone()
-        except sqlite3.Error:
-            return False
-        return True
-
-    step = 1
-    while resume + step <= MAX_ROWID:
-        if readable(resume + step):
-            low, high = resume + step // 2, resume + step
-            while high - low > 1:
-                middle = (low + high) // 2
-                if readable(middle):
-                    high = middle
-                else:
-                    low = middle
-            return high
-        step *= 2
-    return None
-
-
-def _reconcile(fresh: sqlite3.Connection) -> dict[str, int]:
-    """Make every salvaged ledger add up again; return the queued points lost per device."""
-    lost: dict[str, int] = {}
-    fresh.execute("BEGIN IMMEDIATE")
-    try:
-        orphans = fresh.execute("DELETE FROM points WHERE device_id NOT IN (SELECT id FROM devices)").rowcount
-        orphans += fresh.execute("DELETE FROM held WHERE device_id NOT IN (SELECT id FROM devices)").rowcount
-        if orphans:
-            lost["(unknown device)"] = orphans
-        fresh.execute("DELETE FROM ledger WHERE device_id NOT IN (SELECT id FROM devices)")
-        out = " + ".join(f for f in LEDGER_FIELDS if f != "received")
-        for device_id, name in fresh.execute("SELECT id, name FROM devices").fetchall():
-            stored = fresh.execute(
-                "SELECT (SELECT COUNT(*) FROM points WHERE device_id = ?) "
-                "+ (SELECT COUNT(*) FROM held WHERE device_id = ?)",
-                (device_id, device_id),
-            ).fetchone()[0]
-            row = fresh.execute(f"SELECT queued, {out} FROM ledger WHERE device_id = ?", (device_id,)).fetchone()
-            if row is None:
-                # The ledger row is gone: count what is still queued as received and queued; history is lost.
-                fresh.execute(
-                    "INSERT INTO ledger (device_id, received, queued) VALUES (?, ?, ?)", (device_id, stored, stored)
-                )
-                continue
-            queued, total_out = int(row[0]), int(row[1])
-            missing = max(queued - stored, 0)
-            if missing:
-                lost[str(name)] = missing
-            # Points that could not be salvaged are counted `dropped`; received is set so the ledger adds up.
-            fresh.execute(
-                "UPDATE ledger SET queued = ?, dropped = dropped + ?, received = ? WHERE device_id = ?",
-                (stored, missing, total_out - queued + stored + missing, device_id),
-            )
-        fresh.execute("COMMIT")
-    except BaseException:
-        fresh.execute("ROLLBACK")
-        raise
-    return lost

@@ -1,0 +1,74 @@
+"""Migrations: every earlier schema, from frozen files, reaches the current one keeping its data; a step is atomic."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from edgeforward.store import SCHEMA_VERSION, Buffer
+from edgeforward.store import schema as schema_module
+from edgeforward.store.recovery import recover_file
+
+FIXTURES = Path(__file__).parent / "data" / "buffers"
+
+
+def rows(path: Path, query: str) -> list[tuple[object, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return list(db.execute(query).fetchall())
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+async def test_frozen_file_of_each_earlier_version_is_migrated_keeping_everything(tmp_path: Path, version: int) -> None:
+    path = tmp_path / "buffer.db"
+    shutil.copyfile(FIXTURES / f"buffer-v{version}.db", path)
+    buf = Buffer(path)
+    await buf.open()
+    assert buf.recovery is None  # migrated, never taken for a damaged or foreign file
+    counts = await buf.ledger("pump")
+    assert counts["received"] == 61 and counts["queued"] == 50 and counts["rejected"] == 1
+    assert len(await buf.oldest("pump", 1, 100)) == 50
+    assert await buf.remembered_server("unused") is None
+    await buf.close()
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert rows(path, "PRAGMA auto_vacuum") == [(2,)]
+    assert rows(path, "SELECT COUNT(*) FROM deadletter") == [(1,)]
+    assert rows(path, "SELECT COUNT(*) FROM import_seen") == [(50 if version == 3 else 0,)]
+
+
+def test_a_step_that_fails_leaves_the_file_at_its_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "buffer.db"
+    shutil.copyfile(FIXTURES / "buffer-v3.db", path)
+    broken = "CREATE TABLE IF NOT EXISTS import_seen (device TEXT) WITHOUT ROWID; SELECT no_such_function();"
+    steps = tuple(
+        (v, (lambda conn: schema_module._in_one_transaction(conn, broken, 4)) if v == 4 else step)
+        for v, step in schema_module.MIGRATIONS
+    )
+    monkeypatch.setattr(schema_module, "MIGRATIONS", steps)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn, pytest.raises(sqlite3.Error):
+        schema_module.migrate(conn)
+    assert rows(path, "PRAGMA user_version") == [(3,)]  # the step and its stamp went together, or neither
+
+
+def test_a_new_file_gets_the_whole_schema_and_its_version_in_one_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        schema_module.migrate(conn)
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert rows(path, "PRAGMA page_size") == [(schema_module.PAGE_SIZE_BYTES,)]
+    tables = {name for (name,) in rows(path, "SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    assert tables == set(schema_module.expected_columns())
+
+
+async def test_recovery_keeps_what_was_imported(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    shutil.copyfile(FIXTURES / "buffer-v3.db", path)
+    buf = Buffer(path)
+    await buf.open()
+    await buf.close()
+    recover_file(path, "test: salvage every table")
+    assert rows(path, "SELECT COUNT(*) FROM import_seen") == [(50,)]
+    assert rows(path, "SELECT COUNT(*) FROM points") == [(50,)]
