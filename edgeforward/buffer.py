@@ -27,7 +27,7 @@ from .timebase import utc_day, utc_month
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PAGE_CACHE_KIB = 1024
 VACUUM_CHECK_INTERVAL_S = 60.0
 VACUUM_MIN_FREED_ROWS = 2_000
@@ -54,7 +54,7 @@ META_INGEST_FAILED: Final = "ingest_failed"
 META_HELD_UNSTAMPED: Final = "held_unstamped"
 
 # Tables added by a schema version after the first (an older file lacks them until it is migrated).
-TABLES_SINCE = {"held": 3}
+TABLES_SINCE = {"held": 3, "resend_window": 4}
 
 # Tables copied out of a damaged buffer, in this order (devices first: the others refer to them).
 SALVAGE_TABLES = ("devices", "points", "held", "ledger", "deadletter", "budget", "device_state", "servers", "meta")
@@ -150,6 +150,46 @@ CREATE INDEX IF NOT EXISTS held_by_boot ON held (boot_id, id);
 """
 _SCHEMA += _HELD_SCHEMA
 
+# ---- the resend window (schema version 4) --------------------------------------------------------------------
+# Readings an MCU may send again (seq= with ms= or ts=), remembered per port so that a resent copy is acknowledged
+# again and not stored again, also after a restart. Written in the same transaction as the reading's points (see
+# submit(resend=...)), read once at start (resend_window), pruned to the newest RESEND_WINDOW_PER_PORT rows of a
+# port. `ms` is NULL for ts= lines, `ts` NULL for readings held until the wall clock is trusted. Not salvaged
+# after a recovery: losing it costs at most a duplicate of a reading resent across the recovery.
+RESEND_WINDOW_PER_PORT = 4096
+_RESEND_SCHEMA = """
+CREATE TABLE IF NOT EXISTS resend_window (
+    id INTEGER PRIMARY KEY,
+    port TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ms INTEGER,
+    ts INTEGER
+);
+CREATE INDEX IF NOT EXISTS resend_window_by_port ON resend_window (port, id);
+"""
+_SCHEMA += _RESEND_SCHEMA
+ResendKey = tuple[str, int, int | None, int | None]
+"""A reading's identity in the resend window: (port, seq, ms or None, ts or None)."""
+
+
+async def _record_resends(conn: aiosqlite.Connection, keys: Sequence[ResendKey]) -> None:
+    """Remember committed readings in the resend window and prune each port's part of it."""
+    await conn.executemany("INSERT INTO resend_window (port, seq, ms, ts) VALUES (?, ?, ?, ?)", keys)
+    for port in {key[0] for key in keys}:
+        await conn.execute(
+            "DELETE FROM resend_window WHERE port = ? AND id <= "
+            "(SELECT id FROM resend_window WHERE port = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (port, port, RESEND_WINDOW_PER_PORT),
+        )
+
+
+def _migrate_resend_window(conn: sqlite3.Connection) -> None:
+    """Schema version 4: the resend window."""
+    conn.executescript(f"BEGIN IMMEDIATE; {_RESEND_SCHEMA} PRAGMA user_version = 4; COMMIT;")
+
+
+# ---- end of the resend window ----------------------------------------------------------------------------------
+
 DeliveryPath = Literal["live", "history"]
 
 
@@ -241,6 +281,7 @@ class _Pending:
     held: list[tuple[str, Point]] = field(default_factory=list)
     ops: list[tuple[WriteOp, asyncio.Future[Any]]] = field(default_factory=list)
     point_waiters: list[tuple[asyncio.Future[None], int]] = field(default_factory=list)
+    resend: list[ResendKey] = field(default_factory=list)  # readings of `points`/`held` for the resend window
 
 
 def token_hash(token: str) -> str:
@@ -353,11 +394,14 @@ class Buffer:
 
     # writes -------------------------------------------------------------------------------------
 
-    def submit(self, points: Sequence[Point], *, boot_id: str | None = None) -> asyncio.Future[None]:
+    def submit(
+        self, points: Sequence[Point], *, boot_id: str | None = None, resend: ResendKey | None = None
+    ) -> asyncio.Future[None]:
         """Queue points for the next group commit; the future resolves once they are committed.
 
         With `boot_id`, the points' `ts_ms` is CLOCK_BOOTTIME of that boot: they are held, not sent,
-        until `settle_held` gives them a wall time.
+        until `settle_held` gives them a wall time. With `resend`, the reading is remembered in the
+        resend window in the same transaction.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closing:
@@ -369,13 +413,15 @@ class Buffer:
             self._pending.points.extend(points)
         else:
             self._pending.held.extend((boot_id, point) for point in points)
+        if resend is not None:
+            self._pending.resend.append(resend)
         self._pending.point_waiters.append((future, len(points)))
         self._wake.set()
         return future
 
-    def hold(self, points: Sequence[Point], boot_id: str) -> asyncio.Future[None]:
+    def hold(self, points: Sequence[Point], boot_id: str, *, resend: ResendKey | None = None) -> asyncio.Future[None]:
         """Commit points stamped with CLOCK_BOOTTIME of `boot_id` as held (see `submit`)."""
-        return self.submit(points, boot_id=boot_id)
+        return self.submit(points, boot_id=boot_id, resend=resend)
 
     async def run_op(self, op: WriteOp, *, urgent: bool = False) -> Any:
         """Run a write inside the next group-commit transaction and return its result.
@@ -418,7 +464,9 @@ class Buffer:
         ingest_error: BufferFullError | None = None
         try:
             try:
-                committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
+                committed, results = await self._transaction(
+                    pending.points, pending.ops, held=pending.held, resend=pending.resend
+                )
             except sqlite3.Error as exc:
                 if not (pending.points or pending.held) or not _is_full(exc):
                     raise
@@ -451,6 +499,7 @@ class Buffer:
         ops: list[tuple[WriteOp, asyncio.Future[Any]]],
         *,
         held: Sequence[tuple[str, Point]] = (),
+        resend: Sequence[ResendKey] = (),
         cap_dropped: bool = False,
     ) -> tuple[list[Committed], list[Any]]:
         conn = self._connection()
@@ -467,6 +516,8 @@ class Buffer:
                     committed = await self._insert(conn, points)
                 if held:
                     await self._insert_held(conn, held)
+            if resend:
+                await _record_resends(conn, resend)
             queued_before_ops = self._queued_total
             for op, _ in ops:
                 results.append(await op(conn))
@@ -494,14 +545,18 @@ class Buffer:
                     if not await self._make_room(len(pending.points) + len(pending.held)):
                         break
                     try:
-                        committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
+                        committed, results = await self._transaction(
+                            pending.points, pending.ops, held=pending.held, resend=pending.resend
+                        )
                     except sqlite3.Error as exc:
                         if not _is_full(exc):
                             raise
                         continue
                     return committed, results, None
             else:
-                _, results = await self._transaction(pending.points, pending.ops, held=pending.held, cap_dropped=True)
+                _, results = await self._transaction(
+                    pending.points, pending.ops, held=pending.held, resend=pending.resend, cap_dropped=True
+                )
                 log.warning(
                     "buffer_full_dropped_newest",
                     points=len(pending.points) + len(pending.held),
@@ -949,6 +1004,13 @@ class Buffer:
         )
         return {str(row[0]): (int(row[1]), int(row[2]), int(row[3]), int(row[4]), str(row[5] or "")) for row in rows}
 
+    async def resend_window(self, port: str) -> list[tuple[int, int | None, int | None]]:
+        """Return a port's part of the resend window as (seq, ms, ts) rows, oldest first."""
+        rows = await self._reader().execute_fetchall(
+            "SELECT seq, ms, ts FROM resend_window WHERE port = ? ORDER BY id", (port,)
+        )
+        return [(int(row[0]), row[1], row[2]) for row in rows]
+
     async def set_meta(self, items: dict[str, str]) -> None:
         """Store small key/value facts (daemon pid, heartbeat)."""
 
@@ -1165,8 +1227,10 @@ def migrate(conn: sqlite3.Connection) -> None:
             conn.execute("VACUUM")
         except sqlite3.Error as exc:
             log.warning("buffer_vacuum_failed", error=str(exc), detail="the file will not shrink after a backlog")
-    # Version 3: the table of readings held until the wall clock is trusted.
-    conn.executescript(f"BEGIN IMMEDIATE; {_HELD_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+    if version < 3:
+        # Version 3: the table of readings held until the wall clock is trusted.
+        conn.executescript(f"BEGIN IMMEDIATE; {_HELD_SCHEMA} PRAGMA user_version = 3; COMMIT;")
+    _migrate_resend_window(conn)
 
 
 def _expected_columns() -> dict[str, list[str]]:

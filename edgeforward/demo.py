@@ -25,9 +25,9 @@ from .buffer import LEDGER_FIELDS
 from .cloudsim import CloudSim, SimDevice
 from .config import parse_config
 from .daemon import Daemon
+from .ingest.source import PortStats
 from .logs import configure_logging
 from .points import PinType
-from .serial_source import PortStats
 
 DEMO_TOKEN = "demo-device-token-0123456789abcdef"  # noqa: S105 (the simulated cloud's own token)
 LINES_PER_SECOND = 10

@@ -15,7 +15,7 @@ from prometheus_client.registry import CollectorRegistry
 from .buffer import Buffer
 from .config import Config, split_listen
 from .forward import DeviceSnapshot, DeviceState, Forwarder, WaitReason
-from .serial_source import PortState, PortStats
+from .ingest.source import PortState, PortStats
 
 log = structlog.get_logger(__name__)
 
