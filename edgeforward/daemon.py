@@ -161,6 +161,8 @@ class Daemon:
             log.info("daemon_stopping")
             self.notifier.stopping()
             await _cancel_and_wait(readers, STOP_TIMEOUT_S)
+            for pipeline in self.pipelines:
+                pipeline.release_held()
             await _cancel_and_wait(forwarders, STOP_TIMEOUT_S)
             await _cancel_and_wait(housekeeping, STOP_TIMEOUT_S)
             await self.buffer.save_ports(p.snapshot() for p in self.pipelines)

@@ -61,7 +61,17 @@ class McuClock:
     - Counters wider than 32 bits work, but never wrap.
     """
 
-    __slots__ = ("_anchor", "_anchor_at", "_epoch", "_newest", "_newest_at", "_newest_delay")
+    __slots__ = (
+        "_anchor",
+        "_anchor_at",
+        "_epoch",
+        "_newest",
+        "_newest_at",
+        "_newest_delay",
+        "anchorings",
+        "last_counted",
+        "last_was_newest",
+    )
 
     def __init__(self) -> None:
         self._anchor: int | None = None  # boot time on the wall clock, in ms
@@ -70,6 +80,9 @@ class McuClock:
         self._newest = 0  # the largest counted ms= of this boot
         self._newest_at = 0
         self._newest_delay = 0
+        self.anchorings = 0  # how often the clock anchored afresh (first line, reboot, after reset())
+        self.last_counted = 0  # the last line's ms= with its wraps counted
+        self.last_was_newest = False  # whether the last line carried the largest ms= of its boot so far
 
     def reset(self) -> None:
         """Forget the anchor (the next line anchors afresh)."""
@@ -94,6 +107,12 @@ class McuClock:
         self._newest_at = state.newest_at
         self._newest_delay = state.newest_delay
         return True
+
+    def wall_of(self, counted: int) -> int:
+        """Map a counted ms= of the current boot with the anchor as it is now (for lines held back a moment)."""
+        if self._anchor is None:
+            raise ValueError("the clock has no anchor")
+        return self._anchor + counted
 
     def to_wall(self, mcu_ms: int, received_ms: int) -> int:
         """Return the wall-clock epoch ms of a line stamped `mcu_ms` that arrived at `received_ms`."""
@@ -122,6 +141,8 @@ class McuClock:
         if received_ms - counted <= aged:
             self._anchor = anchor = aged = received_ms - counted
             self._anchor_at = received_ms
+        self.last_counted = counted
+        self.last_was_newest = counted > self._newest
         if counted >= self._newest:
             self._newest = counted
             self._newest_at = received_ms
@@ -138,6 +159,9 @@ class McuClock:
         return mcu_ms > since + self._newest_delay + slack
 
     def _anchor_on(self, mcu_ms: int, received_ms: int) -> int:
+        self.anchorings += 1
+        self.last_counted = mcu_ms
+        self.last_was_newest = True
         self._anchor = received_ms - mcu_ms
         self._anchor_at = received_ms
         self._epoch = 0

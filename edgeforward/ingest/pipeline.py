@@ -36,6 +36,9 @@ RESEND_WINDOW: Final = 4096
 # Two copies with the same seq= and ms= are one reading when their times agree this closely: an MCU that reboots
 # starts seq= and ms= again, but its readings then lie at least one uptime apart on the wall clock.
 RESEND_TS_TOLERANCE_MS: Final = 1_000
+# Lines of the opening burst are held at most this long, or this many (see PortPipeline._held_back).
+BURST_HOLD_S: Final = 5.0
+BURST_HOLD_LINES: Final = 1024
 WALL_DOMAIN: Final = "wall"  # the domain of a saved MCU clock stamped on the trusted wall clock
 
 
@@ -87,6 +90,17 @@ class PortParser:
         return parse_line(raw, self.format, context, now_ms, csv_parser=self._csv, nmea_pins=self._nmea)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Held:
+    """An ms= line of the opening burst, held until a fresh line fixes the clock's anchor."""
+
+    reading: Reading
+    ts: int  # as mapped on arrival
+    boot_id: str | None
+    counted: int  # its ms= with wraps counted
+    anchorings: int  # the clock's anchorings when it was mapped (another value: the MCU rebooted since)
+
+
 @dataclasses.dataclass(slots=True)
 class _Seen:
     """A reading of the resend window: its time (None: held, not yet on the wall clock) and its commit."""
@@ -125,12 +139,20 @@ class PortPipeline:
         self._clock = McuClock()
         self._clock_domain: str | None = None
         self._seen: collections.OrderedDict[tuple[int, int | None], _Seen] = collections.OrderedDict()
+        self._burst_ms: int | None = None  # when the first read after the current open arrived
+        self._anchorings_at_open = -1  # the clock's anchorings then (-1: it had no anchor)
+        self._burst_held: list[_Held] = []
+        self._burst_timer: asyncio.TimerHandle | None = None
         self._throttle = Throttle(BAD_LINES_LOGGED_PER_MINUTE)
         self._log = log.bind(port=port.path)
         self._before = _PortTotals()
 
     def on_line(self, raw: bytes, received_ms: int, first: bool) -> None:
         """Handle one framed line from the serial source."""
+        if first:
+            # A new open: its first read holds what the port buffered while nobody read it.
+            self._burst_ms = received_ms
+            self._anchorings_at_open = self._clock.anchorings if self._clock.state() is not None else -1
         result = self._parser.parse(raw, received_ms, trusted=self._wall is None or self._wall.trusted)
         if result is None:
             return
@@ -155,7 +177,6 @@ class PortPipeline:
 
     def _accept(self, reading: Reading, received_ms: int) -> None:
         wall = self._wall
-        points: list[Point]
         boot_id: str | None = None
         if reading.ts_ms is not None or wall is None or self._hold is None or wall.trusted:
             if reading.ts_ms is not None:
@@ -164,14 +185,58 @@ class PortPipeline:
                 ts = self._mcu_time(reading.mcu_ms, received_ms, WALL_DOMAIN)
             else:
                 ts = received_ms
-            points = [Point(reading.device, pin, ts, value) for pin, value in reading.values]
         else:
             # The wall clock is untrusted: stamp on the boot's monotonic clock and hold until it is.
             boot_id = wall.boot_id
             ts = wall.mono_of(received_ms)
             if reading.mcu_ms is not None:
                 ts = self._mcu_time(reading.mcu_ms, ts, boot_id)
-            points = [Point(reading.device, pin, ts, value) for pin, value in reading.values]
+        if reading.mcu_ms is not None and reading.ts_ms is None and self._held_back(reading, ts, boot_id, received_ms):
+            return
+        self._commit(reading, ts, boot_id)
+
+    def _held_back(self, reading: Reading, ts: int, boot_id: str | None, received_ms: int) -> bool:
+        """Hold ms= lines of the opening burst while the clock was anchored on them; True if this one is held.
+
+        The lines a port buffered while the daemon was away all arrive in the first read after the open, each
+        late by an unknown time. When the clock had no anchor to map them with (the first start, an MCU reboot
+        among them), they are held until a fresh line (a later read, with the largest ms= so far) fixes the
+        anchor, at most BURST_HOLD_S or BURST_HOLD_LINES, then mapped with that anchor.
+        """
+        clock = self._clock
+        held = _Held(reading, ts, boot_id, clock.last_counted, clock.anchorings)
+        if self._burst_held:
+            if received_ms != self._burst_ms and clock.last_was_newest:
+                self._release_burst()
+                return False
+            self._burst_held.append(held)
+            if len(self._burst_held) >= BURST_HOLD_LINES:
+                self._release_burst()
+            return True
+        if received_ms != self._burst_ms or clock.anchorings == self._anchorings_at_open:
+            return False
+        self._burst_held.append(held)
+        self._burst_timer = asyncio.get_running_loop().call_later(BURST_HOLD_S, self._release_burst)
+        return True
+
+    def _release_burst(self) -> None:
+        """Map the held lines of the opening burst with the clock's anchor as it is now, and commit them."""
+        if self._burst_timer is not None:
+            self._burst_timer.cancel()
+            self._burst_timer = None
+        held, self._burst_held = self._burst_held, []
+        clock = self._clock
+        for item in held:
+            ts = clock.wall_of(item.counted) if item.anchorings == clock.anchorings else item.ts
+            self._commit(item.reading, ts, item.boot_id)
+
+    def release_held(self) -> None:
+        """Commit what the pipeline still holds back (the daemon is stopping)."""
+        if self._burst_held:
+            self._release_burst()
+
+    def _commit(self, reading: Reading, ts: int, boot_id: str | None) -> None:
+        points = [Point(reading.device, pin, ts, value) for pin, value in reading.values]
         if reading.seq is None:
             committed = self._store(points, boot_id, None)
         else:
@@ -198,10 +263,15 @@ class PortPipeline:
         return hold(points, boot_id, resend=resend)
 
     def _mcu_time(self, mcu_ms: int, received_ms: int, domain: str) -> int:
+        clock = self._clock
         if domain != self._clock_domain:
-            self._clock.reset()
+            clock.reset()
             self._clock_domain = domain
-        return self._clock.to_wall(mcu_ms, received_ms)
+        anchorings = clock.anchorings
+        wall = clock.to_wall(mcu_ms, received_ms)
+        if clock.anchorings != anchorings:
+            self._log.info("mcu_clock_anchored", ms=mcu_ms, first=anchorings == 0, domain=domain)
+        return wall
 
     def _resent(self, key: tuple[int, int | None], ts: int | None) -> _Seen | None:
         """Return the earlier copy of this reading, if the window holds one."""
@@ -276,6 +346,9 @@ class PortPipeline:
                 current, now = wall.boot_id, wall.mono_of(now_ms)
             if state is not None and domain == current and self._clock.resume(state, now):
                 self._clock_domain = domain
+                self._log.info("mcu_clock_resumed", since_newest_ms=now - state.newest_at)
+            else:
+                self._log.info("mcu_clock_not_resumed", saved_domain=domain, domain=current, state=state is not None)
 
     def snapshot(self) -> tuple[str, str, int, int, int, int, str]:
         """Return the row `status` reads for this port: lifetime counters (and the MCU clock, for a restart)."""
