@@ -2,12 +2,15 @@
  *
  * Usage: simavr_pty FIRMWARE.elf MCU FREQ_HZ TAP_FILE
  * Prints "PTY <slave path>" on stdout once the pty exists, then runs until SIGTERM.
- * - The simulated clock is held to the wall clock (CLOCK_MONOTONIC): millis() runs at real speed.
+ * - The simulated clock is held to the wall clock (CLOCK_MONOTONIC): millis() runs at real speed. When the host
+ *   stalls the emulator, it catches up at full speed afterwards, so the MCU's time never drifts from real time;
+ *   what it sent meanwhile leaves late, as if delayed on the wire.
  * - Bytes the firmware sends go to the pty master; when nobody reads the slave and its buffer is full they
  *   are dropped, as a UART without flow control drops them. Bytes written to the slave reach the UART's input,
  *   paced by the UART's own XON/XOFF.
- * - Every line the firmware sends is written to TAP_FILE as "<epoch ms of its first byte> <line>\n", with
- *   "+" before the line when the pty took all of it and "-" when bytes were dropped.
+ * - Every line the firmware sends is written to TAP_FILE as "<taken> <sent> <+|-><line>\n": the epoch ms at which
+ *   the MCU emitted its first byte on its own (real-time) clock, the epoch ms at which the byte reached the pty,
+ *   and "+" when the pty took all of the line or "-" when bytes were dropped.
  * - Each ADC conversion reads the next step of a counter on ADC0 (1, 2, 3, ... of 1024 steps of AVCC), so
  *   consecutive analogRead(A0) calls return 1, 2, 3, ... and each reading carries a distinct value.
  */
@@ -33,7 +36,6 @@
 #define AVCC_MV 5000
 #define ADC_STEPS 1024
 #define SLICE_US 1000          /* simulated time between looks at the pty and the wall clock */
-#define MAX_LAG_US 200000      /* behind by more (a stalled host): give up catching up beyond this */
 #define LINE_MAX 512
 
 static volatile sig_atomic_t stopping = 0;
@@ -43,6 +45,8 @@ static int uart_ready = 1;     /* XON from the UART: its input fifo has room */
 static char line[LINE_MAX];
 static size_t line_len = 0;
 static long long line_ms = 0;
+static long long line_sent_ms = 0;
+static long long epoch_start_ms = 0;   /* the wall clock when simulated time 0 was */
 static int line_dropped = 0;
 static uint32_t adc_step = 0;
 
@@ -61,13 +65,18 @@ static uint64_t mono_us(void) {
 static void on_stop(int sig) { (void)sig; stopping = 1; }
 
 static void on_uart_out(struct avr_irq_t *irq, uint32_t value, void *param) {
-	(void)irq; (void)param;
+	(void)irq;
+	avr_t *avr = (avr_t *)param;
 	uint8_t byte = (uint8_t)value;
-	if (line_len == 0) { line_ms = now_ms(); line_dropped = 0; }
+	if (line_len == 0) {
+		line_ms = epoch_start_ms + (long long)(avr->cycle * 1000u / avr->frequency);
+		line_sent_ms = now_ms();
+		line_dropped = 0;
+	}
 	if (write(master, &byte, 1) != 1) line_dropped = 1;
 	if (byte == '\n') {
 		while (line_len > 0 && line[line_len - 1] == '\r') line_len--;
-		fprintf(tap, "%lld %c%.*s\n", line_ms, line_dropped ? '-' : '+', (int)line_len, line);
+		fprintf(tap, "%lld %lld %c%.*s\n", line_ms, line_sent_ms, line_dropped ? '-' : '+', (int)line_len, line);
 		fflush(tap);
 		line_len = 0;
 	} else if (line_len < LINE_MAX) {
@@ -133,7 +142,7 @@ int main(int argc, char **argv) {
 	avr_ioctl(avr, AVR_IOCTL_UART_GET_FLAGS('0'), &flags);
 	flags &= ~(uint32_t)(AVR_UART_FLAG_STDIO | AVR_UART_FLAG_POLL_SLEEP);
 	avr_ioctl(avr, AVR_IOCTL_UART_SET_FLAGS('0'), &flags);
-	avr_irq_register_notify(avr_io_getirq(avr, AVR_IOCTL_UART_GETIRQ('0'), UART_IRQ_OUTPUT), on_uart_out, NULL);
+	avr_irq_register_notify(avr_io_getirq(avr, AVR_IOCTL_UART_GETIRQ('0'), UART_IRQ_OUTPUT), on_uart_out, avr);
 	avr_irq_register_notify(avr_io_getirq(avr, AVR_IOCTL_UART_GETIRQ('0'), UART_IRQ_OUT_XON), on_xon, NULL);
 	avr_irq_register_notify(avr_io_getirq(avr, AVR_IOCTL_UART_GETIRQ('0'), UART_IRQ_OUT_XOFF), on_xoff, NULL);
 	avr_irq_register_notify(avr_io_getirq(avr, AVR_IOCTL_ADC_GETIRQ, ADC_IRQ_OUT_TRIGGER), on_adc_trigger, avr);
@@ -149,6 +158,7 @@ int main(int argc, char **argv) {
 	size_t pending_len = 0, pending_done = 0;
 	const avr_cycle_count_t slice = (avr_cycle_count_t)avr->frequency / (1000000 / SLICE_US);
 	uint64_t start = mono_us();
+	epoch_start_ms = now_ms() - (long long)(avr->cycle * 1000u / avr->frequency);
 	avr_cycle_count_t next = avr->cycle + slice;
 	while (!stopping) {
 		while (avr->cycle < next) {
@@ -167,11 +177,7 @@ int main(int argc, char **argv) {
 		while (uart_ready && pending_done < pending_len) avr_raise_irq(uart_in, pending[pending_done++]);
 		uint64_t simulated = (uint64_t)(avr->cycle * 1000000u / avr->frequency);
 		uint64_t elapsed = mono_us() - start;
-		if (simulated > elapsed) {
-			usleep((useconds_t)(simulated - elapsed));
-		} else if (elapsed - simulated > MAX_LAG_US) {
-			start += elapsed - simulated - MAX_LAG_US;
-		}
+		if (simulated > elapsed) usleep((useconds_t)(simulated - elapsed));   /* behind: run on at full speed */
 	}
 	fclose(tap);
 	return 0;

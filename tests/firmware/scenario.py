@@ -1,8 +1,8 @@
 """The README's sketch in simavr, on a pty, against the real daemon through a stop (SIGTERM) and a kill (SIGKILL).
 
-The harness (firmware/simavr_pty.c) writes every line the firmware sends to a tap file with the wall time of its
-first byte: the first transmission of each seq= is when the reading was taken (the sketch sends it at once), and
-its v1= is distinct (the harness's ADC counts up), so each cloud point names its reading.
+The harness (firmware/simavr_pty.c) writes every line the firmware sends to a tap file with the time of its first
+byte on the MCU's own real-time clock: the first transmission of each seq= is when the reading was taken (the sketch
+sends it at once), and its v1= is distinct (the harness's ADC counts up), so each cloud point names its reading.
 
 `python -m tests.firmware.scenario [--pythonpath DIR] [--keep-reset]` runs it against another build of the
 daemon (e.g. an older commit unpacked in DIR, which knows no reset_on_open) and prints the outcome.
@@ -97,7 +97,7 @@ def read_tap(tap: Path) -> tuple[dict[int, Taken], int]:
     readings: dict[int, Taken] = {}
     lines = 0
     for raw in tap.read_text(errors="replace").splitlines():
-        stamp, _, line = raw.partition(" ")
+        stamp, _sent, line = raw.split(" ", 2)
         fields = dict(part.split("=", 1) for part in line[1:].split() if "=" in part)
         if not {"v1", "seq", "ms"} <= fields.keys():
             continue

@@ -38,7 +38,7 @@ async def test_sketch_in_simavr_through_a_stop_and_a_kill(build: Path, tmp_path:
     outcome = await scenario.run(tmp_path, elf, harness, pythonpath=None, keep_lines=True)
     print(f"simavr scenario: {outcome.summary()} in {time.monotonic() - started:.1f} s")
     assert outcome.taken >= 80, outcome.summary()
-    assert outcome.missing == [], outcome.summary()
-    assert outcome.duplicates == {}, outcome.summary()
-    assert outcome.off == {}, outcome.summary()
+    assert outcome.missing == [], (outcome.summary(), outcome.missing)
+    assert outcome.duplicates == {}, (outcome.summary(), outcome.duplicates)
+    assert outcome.off == {}, (outcome.summary(), outcome.off, outcome.log[-4000:])
     assert outcome.resent_counted > 0, outcome.summary()  # the MCU did resend, and the daemon saw it
