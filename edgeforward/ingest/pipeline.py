@@ -39,6 +39,7 @@ RESEND_TS_TOLERANCE_MS: Final = 1_000
 # Lines of the opening burst are held at most this long, or this many (see PortPipeline._held_back).
 BURST_HOLD_S: Final = 5.0
 BURST_HOLD_LINES: Final = 1024
+BURST_AGREE_MS: Final = 50  # two fresh lines whose anchors agree this closely end the hold
 WALL_DOMAIN: Final = "wall"  # the domain of a saved MCU clock stamped on the trusted wall clock
 
 
@@ -143,6 +144,7 @@ class PortPipeline:
         self._anchorings_at_open = -1  # the clock's anchorings then (-1: it had no anchor)
         self._burst_held: list[_Held] = []
         self._burst_timer: asyncio.TimerHandle | None = None
+        self._fresh_implied: int | None = None  # the anchor the last fresh line of a held burst implied
         self._throttle = Throttle(BAD_LINES_LOGGED_PER_MINUTE)
         self._log = log.bind(port=port.path)
         self._before = _PortTotals()
@@ -200,15 +202,20 @@ class PortPipeline:
 
         The lines a port buffered while the daemon was away all arrive in the first read after the open, each
         late by an unknown time. When the clock had no anchor to map them with (the first start, an MCU reboot
-        among them), they are held until a fresh line (a later read, with the largest ms= so far) fixes the
-        anchor, at most BURST_HOLD_S or BURST_HOLD_LINES, then mapped with that anchor.
+        among them), they are held until fresh lines (later reads, each with the largest ms= so far, two in a
+        row agreeing on the anchor) fix it, at most BURST_HOLD_S or BURST_HOLD_LINES, then mapped with it.
         """
         clock = self._clock
         held = _Held(reading, ts, boot_id, clock.last_counted, clock.anchorings)
         if self._burst_held:
             if received_ms != self._burst_ms and clock.last_was_newest:
-                self._release_burst()
-                return False
+                # A fresh reading (a later read, the largest ms= so far); two in a row that agree fix the anchor
+                # (one alone may still be late: an MCU catching up, a busy host).
+                implied = received_ms - clock.last_counted
+                if self._fresh_implied is not None and abs(implied - self._fresh_implied) <= BURST_AGREE_MS:
+                    self._release_burst()
+                    return False
+                self._fresh_implied = implied
             self._burst_held.append(held)
             if len(self._burst_held) >= BURST_HOLD_LINES:
                 self._release_burst()
@@ -225,6 +232,7 @@ class PortPipeline:
             self._burst_timer.cancel()
             self._burst_timer = None
         held, self._burst_held = self._burst_held, []
+        self._fresh_implied = None
         clock = self._clock
         for item in held:
             ts = clock.wall_of(item.counted) if item.anchorings == clock.anchorings else item.ts
