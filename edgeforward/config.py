@@ -14,7 +14,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import EdgeforwardError
-from .points import PIN_TYPE_NAMES, PinType, parse_pin_name
+from .points import PIN_TYPE_NAMES, KeyProblem, PinType, line_columns, parse_pin_name
 from .redact import redact
 from .servers import ServerError, server_origin
 
@@ -109,6 +109,7 @@ class PortConfig(_Table, frozen=True):
     header: bool = False
     nmea: NmeaPins | None = None
     newline: Literal["lf", "crlf", "cr", "any"] = "lf"
+    reset_on_open: bool = True  # false: closing leaves DTR/RTS as they are, so an Uno, Nano or Mega is not reset
 
 
 class PinSpec(_Table, frozen=True):
@@ -410,10 +411,11 @@ def _parse_ports(items: list[Any], devices: tuple[Device, ...], problems: list[s
         if port.format == "csv" and not port.columns and not port.header:
             problems.append(f"{where}.columns: csv needs columns = [...] or header = true")
         if port.columns:
-            # Imported here: lines imports this module.
-            from .lines import csv_column_problems  # noqa: PLC0415
-
-            problems.extend(f"{where}.columns: {problem}" for problem in csv_column_problems(port.columns))
+            checked = line_columns(port.columns)
+            if isinstance(checked, KeyProblem):
+                problems.append(f"{where}.columns: {checked.detail}")
+        if not port.reset_on_open and "://" in port.path:
+            problems.append(f"{where}.reset_on_open: only a device path has DTR/RTS lines to keep, not a URL")
         if port.format == "nmea":
             if port.nmea is None:
                 problems.append(f"{where}.nmea: nmea needs a [port.nmea] table naming pins")

@@ -5,29 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
-import json
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from . import __version__
 from .backoff import Backoff
 from .blynk import open_session
-from .clock import UNKNOWN_FUTURE_MS, ClockWatcher
-from .config import Config, PortConfig
+from .clock import ClockWatcher
+from .config import Config
 from .forward import Forwarder, Peers
-from .lines import CsvParser, Ignored, McuClock, ParseContext, Reading, Rejected, parse_line
-from .logs import Throttle
+from .ingest.pipeline import PortPipeline
 from .notify import Notifier, ProgressMonitor, SystemdWatchdog, status_line, watchdog_interval_s
-from .points import Point
 from .redact import redact
-from .serial_source import PortStats, SerialSource
 from .store import Buffer, Committed, StoreError
 
 if TYPE_CHECKING:
@@ -40,174 +35,11 @@ STOP_TIMEOUT_S = 5.0
 M_ARENA_MAX = -8  # glibc mallopt parameter
 MALLOC_ARENAS = 2
 SNAPSHOT_INTERVAL_S = 5.0  # port counters for status; each changed snapshot is a commit (SD wear, idle CPU)
-BAD_LINES_LOGGED_PER_MINUTE = 5
 
 
 def now_ms() -> int:
     """Return the wall clock in epoch milliseconds."""
     return time.time_ns() // 1_000_000
-
-
-class PortPipeline:
-    """One port's lines: parse, stamp, submit to the buffer, count, acknowledge."""
-
-    def __init__(
-        self,
-        port: PortConfig,
-        config: Config,
-        submit: Callable[[Sequence[Point]], asyncio.Future[None]],
-        *,
-        clock: ClockWatcher | None = None,
-        hold: Callable[[Sequence[Point], str], asyncio.Future[None]] | None = None,
-    ):
-        self.port = port
-        self.stats = PortStats(path=port.path)
-        self.source = SerialSource(
-            port.path,
-            port.baud,
-            self.on_line,
-            stats=self.stats,
-            max_line_bytes=port.max_line_bytes,
-            newline=port.newline,
-        )
-        self._submit = submit
-        self._wall = clock
-        self._hold = hold
-        self._context = ParseContext(
-            devices={device.name: {pin: spec.type for pin, spec in device.pins.items()} for device in config.devices},
-            default_device=port.device,
-            max_future_ms=int(config.limits_of(port.device).max_future_days * 86_400_000),
-        )
-        self._context_untrusted = dataclasses.replace(self._context, max_future_ms=UNKNOWN_FUTURE_MS)
-        self._clock = McuClock()
-        self._csv = CsvParser(port.columns, port.header) if port.format == "csv" else None
-        self._throttle = Throttle(BAD_LINES_LOGGED_PER_MINUTE)
-        self._log = log.bind(port=port.path)
-        self._before = _PortTotals()
-
-    def on_line(self, raw: bytes, received_ms: int, first: bool) -> None:
-        """Handle one framed line from the serial source."""
-        result = self._parse(raw, received_ms)
-        if result is None:
-            return
-        if isinstance(result, Rejected):
-            if first:
-                # The first bytes after opening are often the tail of a line the MCU was already printing.
-                self.stats.count_ignored("partial")
-                return
-            self.stats.count_bad(result.reason)
-            if self._throttle.allow():
-                self._log.warning(
-                    "line_rejected",
-                    reason=result.reason,
-                    detail=result.detail,
-                    suppressed=self._throttle.take_suppressed(),
-                )
-            return
-        if isinstance(result, Ignored):
-            self.stats.count_ignored(result.reason)
-            return
-        self._accept(result, received_ms)
-
-    def _parse(self, raw: bytes, received_ms: int) -> Reading | Rejected | Ignored | None:
-        # An untrusted gateway clock cannot tell whether an MCU's own ts= lies in the future.
-        context = self._context if self._wall is None or self._wall.trusted else self._context_untrusted
-        return parse_line(raw, self.port.format, context, received_ms, csv_parser=self._csv, nmea_pins=self.port.nmea)
-
-    def _accept(self, reading: Reading, received_ms: int) -> None:
-        wall = self._wall
-        if reading.ts_ms is not None or wall is None or self._hold is None or wall.trusted:
-            if reading.ts_ms is not None:
-                ts = reading.ts_ms
-            elif reading.mcu_ms is not None:
-                ts = self._clock.to_wall(reading.mcu_ms, received_ms)
-            else:
-                ts = received_ms
-            committed = self._submit([Point(reading.device, pin, ts, value) for pin, value in reading.values])
-        else:
-            # The wall clock is untrusted: stamp on the boot's monotonic clock and hold until it is.
-            mono = wall.mono_of(received_ms)
-            if reading.mcu_ms is not None:
-                mono = self._clock.to_wall(reading.mcu_ms, mono)
-            points = [Point(reading.device, pin, mono, value) for pin, value in reading.values]
-            committed = self._hold(points, wall.boot_id)
-        self.stats.count_ok()
-        if self.port.ack and reading.seq is not None:
-            seq = reading.seq
-            committed.add_done_callback(lambda future: self._acknowledge(future, seq))
-
-    def reset_clock(self) -> None:
-        """Forget the MCU clock anchor (the gateway's clock jumped or changed domain)."""
-        self._clock.reset()
-
-    def _acknowledge(self, future: asyncio.Future[None], seq: int) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self.source.write(b"ACK %d\n" % seq)
-
-    def restore(self, saved: tuple[int, int, int, int, str] | None) -> None:
-        """Start `status`'s counters from what earlier runs counted (they are lifetime; metrics stay per process)."""
-        if saved is None:
-            return
-        ok, bad, ignored, reconnects, detail = saved
-        extra = _json_object(detail)
-        self._before = _PortTotals(
-            ok,
-            bad,
-            ignored,
-            reconnects,
-            _counts(extra.get("bad_reasons")),
-            _counts(extra.get("ignored_reasons")),
-        )
-
-    def snapshot(self) -> tuple[str, str, int, int, int, int, str]:
-        """Return the row `status` reads for this port: lifetime counters."""
-        stats, before = self.stats, self._before
-        detail = json.dumps(
-            {
-                "bad_reasons": _added(before.bad_reasons, stats.bad_reasons),
-                "ignored_reasons": _added(before.ignored_reasons, stats.ignored_reasons),
-                "last_error": stats.last_error,
-            }
-        )
-        return (
-            stats.path,
-            str(stats.state),
-            before.lines_ok + stats.lines_ok,
-            before.lines_bad + stats.lines_bad,
-            before.lines_ignored + stats.lines_ignored,
-            before.reconnects + stats.reconnects,
-            detail,
-        )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _PortTotals:
-    """A port's counters from earlier runs of the daemon."""
-
-    lines_ok: int = 0
-    lines_bad: int = 0
-    lines_ignored: int = 0
-    reconnects: int = 0
-    bad_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
-    ignored_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _counts(value: Any) -> dict[str, int]:
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): v for k, v in value.items() if isinstance(v, int)}
-
-
-def _added(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
-    return {key: before.get(key, 0) + now.get(key, 0) for key in sorted(before.keys() | now.keys())}
 
 
 class Daemon:
@@ -254,9 +86,10 @@ class Daemon:
         await self.buffer.open()
         try:
             saved = await self.buffer.saved_ports()
-            for pipeline in self.pipelines:
-                pipeline.restore(saved.get(pipeline.port.path))
             await self.clock.load(self.buffer)
+            for pipeline in self.pipelines:
+                pipeline.restore(saved.get(pipeline.port.path), now_ms())
+                pipeline.restore_window(await self.buffer.resend_window(pipeline.port.path))
             headers = {"User-Agent": f"edgeforward/{__version__}"}
             async with open_session(self.config.cloud.ca_file, headers=headers) as session:
                 peers = Peers()
@@ -335,6 +168,8 @@ class Daemon:
             log.info("daemon_stopping")
             self.notifier.stopping()
             await _cancel_and_wait(readers, STOP_TIMEOUT_S)
+            for pipeline in self.pipelines:
+                pipeline.release_held()
             await _cancel_and_wait(forwarders, STOP_TIMEOUT_S)
             await _cancel_and_wait(housekeeping, STOP_TIMEOUT_S)
             await self.buffer.save_ports(p.snapshot() for p in self.pipelines)

@@ -23,9 +23,9 @@ from rich.text import Text
 from .cloudsim import CloudSim, SimDevice
 from .config import parse_config
 from .daemon import Daemon
+from .ingest.source import PortStats
 from .logs import configure_logging
 from .points import PinType
-from .serial_source import PortStats
 from .store import queries
 
 DEMO_TOKEN = "demo-device-token-0123456789abcdef"  # noqa: S105 (the simulated cloud's own token)

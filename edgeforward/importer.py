@@ -18,7 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import Config
 from .errors import EdgeforwardError
-from .lines import MIN_TS_MS, MS_PER_DAY, CsvParser, ParseContext, Reading, Rejected
+from .ingest.parsers import CsvParser
+from .ingest.parsers.common import MIN_TS_MS, MS_PER_DAY, Reading, Rejected
+from .ingest.pipeline import parse_context
 from .points import Point, parse_pin_name
 from .store import Buffer, StoreError
 
@@ -160,11 +162,7 @@ class FileReader:
         self._options = options
         limits = config.limits_of(device.name)
         self._parse_time = time_parser(options.time_format, _zone(options.timezone))
-        self._context = ParseContext(
-            devices={d.name: {pin: spec.type for pin, spec in d.pins.items()} for d in config.devices},
-            default_device=device.name,
-            max_future_ms=round(limits.max_future_days * MS_PER_DAY),
-        )
+        self._context = parse_context(config, device.name)
         self._now_ms = now_ms
         self._oldest_ms = now_ms - round(limits.max_age_days * MS_PER_DAY)
 

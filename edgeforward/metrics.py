@@ -13,7 +13,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from .config import Config, split_listen
 from .forward import DeviceSnapshot, DeviceState, Forwarder, WaitReason
-from .serial_source import PortState, PortStats
+from .ingest.source import PortState, PortStats
 from .store import Buffer
 from .timebase import SYSTEM_CLOCK, Clock
 

@@ -1,15 +1,18 @@
-"""Points, pin types and the wire forms of their values."""
+"""Points, pin types, the key names of a line, and the wire forms of their values."""
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 from urllib.parse import quote
 
 import msgspec
 
 PIN_COUNT = 256
 STRING_MAX_BYTES = 1024
+META_KEYS = ("ts", "ms", "dev", "seq")  # the keys of a line besides its pins
 
 Location = tuple[float, float]
 Value = bool | int | float | str | Location
@@ -51,6 +54,31 @@ def parse_pin_name(name: str) -> int | None:
         return None
     number = int(name[1:])
     return number if number < PIN_COUNT else None
+
+
+class KeyProblem(NamedTuple):
+    """Why a set of line keys (csv columns) is unusable: `reason` is a bad-line reason, `detail` for humans."""
+
+    reason: str
+    detail: str
+
+
+def line_columns(names: Sequence[str]) -> tuple[str, ...] | KeyProblem:
+    """Normalize csv column names to line keys ("v7", "ts", ...), or say what is wrong with them.
+
+    The one rule for columns, whether a port's `columns` (checked by the config) or a header line (the csv parser).
+    """
+    columns: list[str] = []
+    for raw in names:
+        name = raw.strip().lstrip("\ufeff").strip().lower()
+        if name not in META_KEYS and parse_pin_name(name) is None:
+            return KeyProblem("unknown_key", f"column {raw[:80]!r} is not v0..v255, ts, ms, dev or seq")
+        if name in columns:
+            return KeyProblem("duplicate_key", f"column {name} is given twice")
+        columns.append(name)
+    if all(name in META_KEYS for name in columns):
+        return KeyProblem("no_values", "no pin column (v0..v255)")
+    return tuple(columns)
 
 
 _json_encoder = msgspec.json.Encoder()

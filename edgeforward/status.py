@@ -112,6 +112,7 @@ def _empty_port() -> dict[str, Any]:
         "lines_bad": 0,
         "lines_ignored": 0,
         "reconnects": 0,
+        "resent": 0,
         "bad_reasons": {},
         "ignored_reasons": {},
     }
@@ -146,6 +147,7 @@ def _read_ports(
                 "lines_bad": bad,
                 "lines_ignored": ignored,
                 "reconnects": reconnects,
+                "resent": extra.get("resent", 0),
                 "bad_reasons": extra.get("bad_reasons", {}),
                 "ignored_reasons": extra.get("ignored_reasons", {}),
             }
@@ -227,7 +229,7 @@ def _ports_table(ports: dict[str, Any], *, running: bool) -> Table:
     table = Table(title="ports", title_justify="left", expand=False)
     table.add_column("port")
     table.add_column("state")
-    for column in ("lines ok", "bad", "ignored", "reconnects"):
+    for column in ("lines ok", "bad", "ignored", "reconnects", "resent"):
         table.add_column(column, justify="right")
     table.add_column("bad by reason")
     table.add_column("ignored by reason")
@@ -241,6 +243,7 @@ def _ports_table(ports: dict[str, Any], *, running: bool) -> Table:
             str(entry["lines_bad"]),
             str(entry["lines_ignored"]),
             str(entry["reconnects"]),
+            str(entry["resent"]),
             escape(_reasons(entry["bad_reasons"])),
             escape(_reasons(entry["ignored_reasons"])),
         )

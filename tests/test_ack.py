@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgeforward.cloudsim import CloudSim
-from edgeforward.lines import MCU_COUNTER_SPAN
+from edgeforward.ingest.mcu_clock import MCU_COUNTER_SPAN
 
 from .conftest import TOKEN, DaemonProcess, Pty, wait_for, write_config
 

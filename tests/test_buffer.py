@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgeforward.points import Point
-from edgeforward.store import META_INGEST_FAILED, SCHEMA_VERSION, Buffer, Committed, IngestFailedError
+from edgeforward.store import META_INGEST_FAILED, SCHEMA_VERSION, Buffer, Committed, IngestFailedError, schema
 from edgeforward.store.schema import SCHEMA as _SCHEMA
 
 from .conftest import open_buffer
@@ -244,3 +244,25 @@ async def test_version_1_file_is_migrated_to_incremental_vacuum(tmp_path: Path) 
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+# the resend window (schema version 5) -------------------------------------------------------------------------
+
+
+async def test_resend_window_is_written_with_the_points_and_pruned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(schema, "RESEND_WINDOW_PER_PORT", 3)
+    async with open_buffer(tmp_path / "b.db") as buf:
+        for seq in range(1, 6):
+            await buf.submit(points("pump", 1, 1, start=seq), resend=("/dev/ttyACM0", seq, seq * 1000, BASE_TS + seq))
+        await buf.submit(points("pump", 1, 1, start=9), resend=("/dev/ttyUSB0", 1, None, BASE_TS))
+        assert await buf.resend_window("/dev/ttyACM0") == [(s, s * 1000, BASE_TS + s) for s in (3, 4, 5)]
+        assert await buf.resend_window("/dev/ttyUSB0") == [(1, None, BASE_TS)]
+        # A reading the disk could not take is not remembered: its next copy must be stored.
+        await buf.set_page_limit(await file_pages(buf))
+        big = [Point("pump", 1, BASE_TS + i, "x" * 200) for i in range(2000)]
+        with pytest.raises(IngestFailedError):
+            await buf.submit(big, resend=("/dev/ttyACM0", 6, 6000, BASE_TS + 6))
+        await buf.set_page_limit(1_000_000)
+        assert [row[0] for row in await buf.resend_window("/dev/ttyACM0")] == [3, 4, 5]

@@ -35,9 +35,10 @@ from edgeforward.clock import (
 )
 from edgeforward.cloudsim import CloudSim, SimDevice
 from edgeforward.config import Config, parse_config
-from edgeforward.daemon import PortPipeline
 from edgeforward.forward import Forwarder
-from edgeforward.lines import ParseContext, Rejected, parse_line
+from edgeforward.ingest.parsers import parse_line
+from edgeforward.ingest.parsers.common import ParseContext, Rejected
+from edgeforward.ingest.pipeline import PortPipeline
 from edgeforward.points import PinType, Point
 from edgeforward.store import META_HELD_UNSTAMPED, SCHEMA_VERSION, Buffer, Committed
 

@@ -164,3 +164,60 @@ def test_a_device_whose_token_fails_is_still_a_device_for_its_ports(tmp_path: Pa
     }
     problems = problems_of(raw, tmp_path)
     assert len(problems) == 1 and problems[0].startswith("device[0].token_file: cannot read")
+
+
+# ---------------------------------------------------------------- config checks of csv and nmea ports
+
+
+def port_problems(port: dict[str, Any], tmp_path: Path) -> list[str]:
+    raw: dict[str, Any] = {
+        "device": [{"name": "truck", "token": "t" * 32, "pins": {"v10": "location", "v11": "double", "v12": "string"}}],
+        "port": [port],
+    }
+    try:
+        parse_config(raw, tmp_path / "edgeforward.toml")
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def test_config_checks_nmea_pins_against_the_device(tmp_path: Path) -> None:
+    port = {
+        "path": "/dev/ttyGPS",
+        "format": "nmea",
+        "device": "truck",
+        "nmea": {"location": "v10", "speed_kmh": "v11", "altitude_m": "v12", "satellites": "v13"},
+    }
+    assert port_problems(port, tmp_path) == [
+        'port[0].nmea.altitude_m: pin v12 is a string pin on device "truck", expected double or integer',
+        'port[0].nmea.satellites: pin v13 is not declared on device "truck"',
+    ]
+    port["nmea"] = {"location": "v11"}
+    assert port_problems(port, tmp_path) == [
+        'port[0].nmea.location: pin v11 is a double pin on device "truck", expected location'
+    ]
+    port["nmea"] = {"location": "v10", "speed_kmh": "v11"}
+    assert port_problems(port, tmp_path) == []
+
+
+def test_config_checks_csv_columns(tmp_path: Path) -> None:
+    port: dict[str, Any] = {"path": "/dev/ttyLOG", "format": "csv", "device": "truck", "columns": ["ts", "temp"]}
+    assert port_problems(port, tmp_path) == ["port[0].columns: column 'temp' is not v0..v255, ts, ms, dev or seq"]
+    port["columns"] = ["ts", "v11", "v11"]
+    assert port_problems(port, tmp_path) == ["port[0].columns: column v11 is given twice"]
+    port["columns"] = ["ts", "v11"]
+    assert port_problems(port, tmp_path) == []
+
+
+def test_config_newline_option(tmp_path: Path) -> None:
+    assert port_problems({"path": "/dev/ttyS0", "newline": "cr"}, tmp_path) == []
+    assert port_problems({"path": "/dev/ttyS0", "newline": "lfcr"}, tmp_path) == [
+        "port[0].newline: invalid enum value 'lfcr'"
+    ]
+
+
+def test_config_reset_on_open_is_for_device_paths(tmp_path: Path) -> None:
+    assert port_problems({"path": "/dev/ttyACM0", "reset_on_open": False}, tmp_path) == []
+    assert port_problems({"path": "socket://10.0.0.5:2000", "reset_on_open": False}, tmp_path) == [
+        "port[0].reset_on_open: only a device path has DTR/RTS lines to keep, not a URL"
+    ]

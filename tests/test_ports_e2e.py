@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from edgeforward.cloudsim import CloudSim, SimDevice
-from edgeforward.config import NmeaPins
-from edgeforward.lines import LineParser, ParseContext, Reading
+from edgeforward.ingest.parsers import parse_line
+from edgeforward.ingest.parsers.common import ParseContext, Reading
 from edgeforward.points import PinType
 
 from .conftest import DaemonProcess, Pty, edgeforward, wait_for, write_config
@@ -77,9 +77,10 @@ def gps_sentences() -> list[bytes]:
 
 
 def expected_fixes(sentences: list[bytes]) -> list[Reading]:
-    """The readings the log holds, by the same parser the daemon uses (its counts are checked in test_lines)."""
-    parser = LineParser("nmea", ParseContext({"truck": PIN_TYPES["truck"]}, "truck", 1), nmea=NmeaPins(**NMEA_PINS))
-    return [r for r in (parser.parse(raw, 0) for raw in sentences) if isinstance(r, Reading)]
+    """The readings the log holds, by the parser the daemon uses (its counts are checked in tests/ingest/parsers)."""
+    context = ParseContext({"truck": PIN_TYPES["truck"]}, "truck", 1)
+    results = (parse_line(raw, "nmea", context, 0, nmea_pins=NMEA_PINS) for raw in sentences)
+    return [r for r in results if isinstance(r, Reading)]
 
 
 def port_status(daemon: DaemonProcess, pty: Pty) -> dict[str, Any]:

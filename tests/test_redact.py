@@ -12,9 +12,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from edgeforward import blynk, cloudsim, config, logs, serial_source, store
+from edgeforward import blynk, cloudsim, config, logs, store
 from edgeforward.config import ConfigError, load_config
 from edgeforward.errors import EdgeforwardError, redacted_cause
+from edgeforward.ingest import links
 from edgeforward.redact import REDACTED, add_secrets, clear_secrets, redact, redact_value
 from edgeforward.servers import ServerError, redirect_target, remembered_target, server_origin
 
@@ -84,7 +85,7 @@ def test_one_exception_root() -> None:
         config.ConfigError,
         cloudsim.SimError,
         ServerError,
-        serial_source.SerialSourceError,
+        links.SerialSourceError,
     ]
     assert all(issubclass(root, EdgeforwardError) for root in roots)
 

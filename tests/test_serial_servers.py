@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 
 from edgeforward.cloudsim import CloudSim, SimDevice
-from edgeforward.config import NmeaPins
-from edgeforward.lines import Ignored, ParseContext, Reading, Rejected, parse_nmea
+from edgeforward.ingest.parsers.common import Ignored, ParseContext, Reading, Rejected
+from edgeforward.ingest.parsers.nmea import parse_nmea
+from edgeforward.ingest.source import PortState, SerialSource
 from edgeforward.points import PinType
-from edgeforward.serial_source import PortState, SerialSource
 
 from .conftest import DaemonProcess, Pty, wait_for, write_config
 
@@ -213,7 +213,7 @@ def break_checksum(sentence: bytes) -> bytes:
 def outcomes(lines: list[bytes]) -> tuple[list[Reading], Counter[str], Counter[str]]:
     """What parse_nmea makes of the lines: the fixes, and the bad and ignored counts by reason."""
     ctx = ParseContext({DEVICE: PINS}, DEVICE, 0)
-    pins = NmeaPins(**NMEA_PINS)
+    pins = NMEA_PINS
     fixes: list[Reading] = []
     bad: Counter[str] = Counter()
     ignored: Counter[str] = Counter()

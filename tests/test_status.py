@@ -38,7 +38,16 @@ EXTRA_DEVICE_KEYS = {
     "last_success_ts",
     "deadletter",
 }
-PORT_KEYS = {"state", "lines_ok", "lines_bad", "lines_ignored", "reconnects", "bad_reasons", "ignored_reasons"}
+PORT_KEYS = {
+    "state",
+    "lines_ok",
+    "lines_bad",
+    "lines_ignored",
+    "reconnects",
+    "resent",
+    "bad_reasons",
+    "ignored_reasons",
+}
 FLOW_TIMEOUT_S = 30.0
 PLAN_MESSAGES = 100_000_000
 

@@ -30,7 +30,7 @@ from .schema import (
     META_RECOVERY,
     SCHEMA_VERSION,
 )
-from .writer import OpKind
+from .writer import OpKind, ResendKey
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -48,6 +48,7 @@ __all__ = [
     "OpKind",
     "QueuedPoint",
     "Recovery",
+    "ResendKey",
     "Settled",
     "StoreBusyError",
     "StoreClosedError",

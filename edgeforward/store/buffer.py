@@ -24,7 +24,7 @@ from ..points import Point, value_json
 from ..redact import redact
 from ..servers import ServerError, remembered_target
 from ..timebase import utc_day, utc_month
-from . import capacity
+from . import capacity, schema
 from .errors import (
     IngestFailedError,
     StoreClosedError,
@@ -52,6 +52,7 @@ from .writer import (
     Op,
     OpKind,
     Pending,
+    ResendKey,
     Retry,
     WriteFn,
 )
@@ -110,6 +111,17 @@ class Committed:
 
 
 CommitListener = Callable[[Sequence[Committed]], None]
+
+
+async def _record_resends(conn: aiosqlite.Connection, keys: Sequence[ResendKey]) -> None:
+    """Remember committed readings in the resend window and prune each port's part of it."""
+    await conn.executemany("INSERT INTO resend_window (port, seq, ms, ts) VALUES (?, ?, ?, ?)", keys)
+    for port in {key[0] for key in keys}:
+        await conn.execute(
+            "DELETE FROM resend_window WHERE port = ? AND id <= "
+            "(SELECT id FROM resend_window WHERE port = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (port, port, schema.RESEND_WINDOW_PER_PORT),
+        )
 
 
 def token_hash(token: str) -> str:
@@ -388,12 +400,15 @@ class Buffer:
 
     # writes -------------------------------------------------------------------------------------
 
-    def submit(self, points: Sequence[Point], *, boot_id: str | None = None) -> asyncio.Future[None]:
+    def submit(
+        self, points: Sequence[Point], *, boot_id: str | None = None, resend: ResendKey | None = None
+    ) -> asyncio.Future[None]:
         """Queue points for the next group commit; the future resolves once they are committed.
 
         A full disk fails the future with IngestFailedError (the points are counted `ingest_failed`).
         With `boot_id`, the points' `ts_ms` is CLOCK_BOOTTIME of that boot: they are held, not sent,
-        until `settle_held` gives them a wall time.
+        until `settle_held` gives them a wall time. With `resend`, the reading is remembered in the
+        resend window in the same transaction (a reading the disk refused is not: its next copy is stored).
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closing:
@@ -401,13 +416,13 @@ class Buffer:
             return future
         # The buffer logs commit failures itself; callers that do not look at the outcome stay quiet.
         future.add_done_callback(_consume_exception)
-        self._pending.submits.append((boot_id, points, future))
+        self._pending.submits.append((boot_id, points, future, resend))
         self._wake.set()
         return future
 
-    def hold(self, points: Sequence[Point], boot_id: str) -> asyncio.Future[None]:
+    def hold(self, points: Sequence[Point], boot_id: str, *, resend: ResendKey | None = None) -> asyncio.Future[None]:
         """Commit points stamped with CLOCK_BOOTTIME of `boot_id` as held (see `submit`)."""
-        return self.submit(points, boot_id=boot_id)
+        return self.submit(points, boot_id=boot_id, resend=resend)
 
     async def run_op(
         self, op: WriteOp, *, urgent: bool = False, kind: OpKind | None = None, key: Hashable = None
@@ -483,7 +498,9 @@ class Buffer:
         else:
             for attempt in range(1, COMMIT_ATTEMPTS + 1):
                 try:
-                    committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
+                    committed, results = await self._transaction(
+                        pending.points, pending.ops, held=pending.held, resend=pending.resend
+                    )
                 except sqlite3.Error as exc:
                     failure = exc
                     if is_full(exc) or attempt == COMMIT_ATTEMPTS:
@@ -538,7 +555,9 @@ class Buffer:
                         if not await self._make_room(len(readings)):
                             break
                         try:
-                            committed, results = await self._transaction(pending.points, pending.ops, held=pending.held)
+                            committed, results = await self._transaction(
+                                pending.points, pending.ops, held=pending.held, resend=pending.resend
+                            )
                         except sqlite3.Error as again:
                             if not is_full(again):
                                 raise
@@ -613,6 +632,7 @@ class Buffer:
         ops: list[Op],
         *,
         held: Sequence[tuple[str, Point]] = (),
+        resend: Sequence[ResendKey] = (),
         cap_dropped: bool = False,
     ) -> tuple[list[Committed], list[Any]]:
         conn = self._connection()
@@ -629,6 +649,8 @@ class Buffer:
                     committed = await self._insert(conn, points)
                 if held:
                     await self._insert_held(conn, held)
+                if resend:
+                    await _record_resends(conn, resend)
             queued_before_ops = self._queued_total
             for op in ops:
                 results.append(await op.fn(conn))
@@ -1132,6 +1154,14 @@ class Buffer:
             )
 
         await self.run_op(op, kind=OpKind.FACT, key="ports")
+
+    @_reading
+    async def resend_window(self, port: str) -> list[tuple[int, int | None, int | None]]:
+        """Return a port's part of the resend window as (seq, ms, ts) rows, oldest first."""
+        rows = await self._reader().execute_fetchall(
+            "SELECT seq, ms, ts FROM resend_window WHERE port = ? ORDER BY id", (port,)
+        )
+        return [(int(row[0]), row[1], row[2]) for row in rows]
 
     async def saved_ports(self) -> dict[str, tuple[int, int, int, int, str]]:
         """Return each port's last stored counters (lines ok, bad, ignored, reconnects, detail JSON)."""

@@ -11,7 +11,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 BUSY_TIMEOUT_MS: Final = 10_000
 PAGE_CACHE_KIB: Final = 1024
 # New files get small pages: a commit of one line rewrites a few pages, and 1 KiB pages write a quarter of the
@@ -126,10 +126,26 @@ CREATE TABLE IF NOT EXISTS import_seen (
     PRIMARY KEY (device, pin, ts)
 ) WITHOUT ROWID;
 """
-SCHEMA: Final = _BASE + _HELD + _IMPORT_SEEN
+# Version 5: readings an MCU may send again (seq= with ms= or ts=), per port, so that a resent copy is
+# acknowledged again and not stored again, also after a restart (ingest/pipeline.py). Written in the same
+# transaction as the reading's points, pruned to the newest RESEND_WINDOW_PER_PORT rows of a port. `ms` is NULL
+# for ts= lines, `ts` NULL for readings held until the wall clock is trusted. Not salvaged after a recovery:
+# losing it costs at most one duplicate of a reading resent across the recovery.
+RESEND_WINDOW_PER_PORT: Final = 4096
+_RESEND_WINDOW = """
+CREATE TABLE IF NOT EXISTS resend_window (
+    id INTEGER PRIMARY KEY,
+    port TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ms INTEGER,
+    ts INTEGER
+);
+CREATE INDEX IF NOT EXISTS resend_window_by_port ON resend_window (port, id);
+"""
+SCHEMA: Final = _BASE + _HELD + _IMPORT_SEEN + _RESEND_WINDOW
 
 # The version that added each table after the first (an older file lacks it until it is migrated).
-TABLES_SINCE: Final = {"held": 3, "import_seen": 4}
+TABLES_SINCE: Final = {"held": 3, "import_seen": 4, "resend_window": 5}
 
 # Tables copied out of a damaged buffer, in this order (devices first: the others refer to them).
 SALVAGE_TABLES: Final = (
@@ -187,6 +203,7 @@ MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] 
     (2, _to_v2),
     (3, lambda conn: _in_one_transaction(conn, _HELD, 3)),
     (4, lambda conn: _in_one_transaction(conn, _IMPORT_SEEN, 4)),
+    (5, lambda conn: _in_one_transaction(conn, _RESEND_WINDOW, 5)),
 )
 
 

@@ -51,12 +51,19 @@ class Op:
     key: Hashable = None
 
 
+ResendKey = tuple[str, int, int | None, int | None]
+"""A reading's identity in the resend window: (port, seq, ms or None, ts or None)."""
+
+
 @dataclass
 class Pending:
     """What the next transaction carries, in the order it was asked for."""
 
-    # Each submit: its boot id (None: a wall-clock point), its points and the future its caller waits on.
-    submits: list[tuple[str | None, Sequence[Point], asyncio.Future[None]]] = field(default_factory=list)
+    # Each submit: its boot id (None: a wall-clock point), its points, the future its caller waits on, and the
+    # reading's key in the resend window (None: not one an MCU may resend).
+    submits: list[tuple[str | None, Sequence[Point], asyncio.Future[None], ResendKey | None]] = field(
+        default_factory=list
+    )
     ops: list[Op] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -65,27 +72,32 @@ class Pending:
     @property
     def points(self) -> list[Point]:
         """The sendable points, in order."""
-        return [point for boot_id, points, _ in self.submits if boot_id is None for point in points]
+        return [point for boot_id, points, _, _ in self.submits if boot_id is None for point in points]
 
     @property
     def held(self) -> list[tuple[str, Point]]:
         """The points held for a trusted clock, with their boot id."""
-        return [(boot_id, point) for boot_id, points, _ in self.submits if boot_id is not None for point in points]
+        return [(boot_id, point) for boot_id, points, _, _ in self.submits if boot_id is not None for point in points]
 
     @property
     def readings(self) -> list[Point]:
         """Every point this commit would add, sendable and held."""
-        return [point for _, points, _ in self.submits for point in points]
+        return [point for _, points, _, _ in self.submits for point in points]
 
     @property
     def waiters(self) -> list[asyncio.Future[None]]:
         """The futures of the submits."""
-        return [future for _, _, future in self.submits]
+        return [future for _, _, future, _ in self.submits]
+
+    @property
+    def resend(self) -> list[ResendKey]:
+        """The resend-window keys of the readings this commit adds."""
+        return [key for _, _, _, key in self.submits if key is not None]
 
     def split(self, max_readings: int) -> Pending:
         """Keep at most about `max_readings` readings (whole submits, the ops with them); return the rest."""
         count = 0
-        for index, (_, points, _) in enumerate(self.submits):
+        for index, (_, points, _, _) in enumerate(self.submits):
             count += len(points)
             if count >= max_readings and index + 1 < len(self.submits):
                 rest = Pending(self.submits[index + 1 :], [])

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgeforward.config import load_config
-from edgeforward.daemon import PortPipeline
-from edgeforward.lines import ParseContext, Reading, parse_line
+from edgeforward.ingest.parsers import parse_line
+from edgeforward.ingest.parsers.common import ParseContext, Reading
+from edgeforward.ingest.pipeline import PortPipeline
 from edgeforward.points import Point, value_json
-from edgeforward.store import Buffer
+from edgeforward.store import Buffer, ResendKey
 from tests.conftest import wait_for
 
 from .common import (
@@ -50,8 +51,8 @@ class _Tracker:
         self._buffer = buffer
         self.last: asyncio.Future[None] | None = None
 
-    def submit(self, points: Sequence[Point]) -> asyncio.Future[None]:
-        self.last = self._buffer.submit(points)
+    def submit(self, points: Sequence[Point], *, resend: ResendKey | None = None) -> asyncio.Future[None]:
+        self.last = self._buffer.submit(points, resend=resend)
         return self.last
 
 

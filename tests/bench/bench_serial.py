@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgeforward.config import load_config
-from edgeforward.daemon import PortPipeline
+from edgeforward.ingest.pipeline import PortPipeline
+from edgeforward.ingest.source import SerialSource
 from edgeforward.points import Point
-from edgeforward.serial_source import SerialSource
-from edgeforward.store import Buffer
+from edgeforward.store import Buffer, ResendKey
 from tests.conftest import wait_for
 
 from .common import CLOSED_SERVER, DEVICE, POLL_S, Feeder, Result, adds_up, kv_lines, ledger, ptys, write_config
@@ -60,8 +60,8 @@ async def _through_pipeline(directory: Path, path: str, master: int, data: Path,
     await buffer.open()
     last: list[asyncio.Future[None]] = []
 
-    def submit(points: Sequence[Point]) -> asyncio.Future[None]:
-        future = buffer.submit(points)
+    def submit(points: Sequence[Point], *, resend: ResendKey | None = None) -> asyncio.Future[None]:
+        future = buffer.submit(points, resend=resend)
         last[:] = [future]
         return future
 
