@@ -100,17 +100,21 @@ async def test_disk_full_during_ingest_and_drain_keeps_running_and_counts_exactl
     await daemon.wait_started()
     written = 0
     line = 0
-    while "buffer_disk_full" not in daemon.log():
-        written += await write_lines(pty_port, line, 5000)
-        line += 5000
-        assert line < 400_000, "the disk never filled"
-    written += await write_lines(pty_port, line, 5000)  # readings that arrive while it is full
-    line += 5000
-    await asyncio.sleep(3)  # requests keep failing and budgets keep being counted on the full disk
 
     def all_read() -> bool:
         status = daemon.status()["devices"]["pump"]
         return bool(status["received"] + status["ingest_failed"] == written)
+
+    while "buffer_disk_full" not in daemon.log():
+        written += await write_lines(pty_port, line, 5000)
+        line += 5000
+        assert line < 400_000, "the disk never filled"
+        # A pty keeps only so much unread input (the kernel drops the rest): write the next lines once these
+        # are read, however slowly the machine runs.
+        await wait_for(all_read, FLOW_TIMEOUT_S, 0.2)
+    written += await write_lines(pty_port, line, 5000)  # readings that arrive while it is full
+    line += 5000
+    await asyncio.sleep(3)  # requests keep failing and budgets keep being counted on the full disk
 
     await wait_for(all_read, FLOW_TIMEOUT_S, 0.5)
     assert daemon.process is not None and daemon.process.poll() is None, daemon.log()[-3000:]
