@@ -331,15 +331,17 @@ class Buffer:
     async def close(self) -> None:
         """Commit what is pending, checkpoint the WAL and close (after the writer has returned)."""
         self._closing = True
+        # The reader goes first: a read cancelled mid-statement (a task stopped at start) leaves its statement
+        # open, and the checkpoint below would wait the whole busy timeout for that read transaction to end.
+        if self._read is not None:
+            await self._read.close()
+            self._read = None
         if self._write is not None:
             await self._flush()
             with contextlib.suppress(aiosqlite.Error):
                 await self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             await self._write.close()
             self._write = None
-        if self._read is not None:
-            await self._read.close()
-            self._read = None
         self._fail_pending(BufferClosedError("buffer closed"))
 
     def add_listener(self, listener: CommitListener) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -135,6 +136,8 @@ def _load(args: argparse.Namespace, *, read_tokens: bool = True) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Until the daemon's own handler is installed, a SIGTERM (nothing is open yet) is a clean stop, like SIGINT.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = _load(args)
     configure_logging(config.log.level, config.log.format, secrets=config.tokens, stream=sys.stdout)
     from .daemon import run_daemon

@@ -41,6 +41,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import errno
 import glob
 import io
 import os
@@ -337,6 +338,19 @@ def _match_one(path: str) -> str:
         shown = ", ".join(matches[:MAX_MATCHES_SHOWN]) + (", ..." if len(matches) > MAX_MATCHES_SHOWN else "")
         raise NoMatch(f"{len(matches)} devices match {path} ({shown}); the pattern must match one")
     return matches[0]
+
+
+def describe_error(exc: BaseException) -> str:
+    """A port failure in one plain sentence: pyserial's "[Errno 2] ...: [Errno 2] ..." with the errno told once."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, serial.SerialException) and isinstance(cause, OSError) and cause.strerror and exc.strerror:
+        text = exc.strerror.replace(str(cause), cause.strerror)
+        if cause.errno == errno.EAGAIN:
+            text += " (another program has the port open)"
+        elif cause.errno == errno.EACCES:
+            text += " (a manual run needs the dialout group: sudo usermod -aG dialout $USER, then log in again)"
+        return text
+    return str(exc) or type(exc).__name__
 
 
 class _Link(abc.ABC):
@@ -673,7 +687,7 @@ class SerialSource:
 
     def _note_trouble(self, event: str, exc: BaseException) -> None:
         self.stats.state = PortState.ABSENT
-        error = str(exc) or type(exc).__name__
+        error = describe_error(exc)
         if _SET_CONTROL_TIMEOUT in error:
             error += _SET_CONTROL_HINT
         self.stats.last_error = error

@@ -164,3 +164,21 @@ def test_a_device_whose_token_fails_is_still_a_device_for_its_ports(tmp_path: Pa
     }
     problems = problems_of(raw, tmp_path)
     assert len(problems) == 1 and problems[0].startswith("device[0].token_file: cannot read")
+
+
+def test_enum_errors_list_the_valid_values(tmp_path: Path) -> None:
+    raw = {
+        "buffer": {"synchronous": "off"},
+        "forward": {"over_quota": "burst"},
+        "clock": {"require_sync": "yes"},
+        "log": {"level": "loud"},
+        "port": [{"path": "/dev/ttyACM0", "device": "pump", "format": "KV"}],
+        "device": [device()],
+    }
+    assert problems_of(raw, tmp_path) == [
+        'buffer.synchronous: expected one of FULL|NORMAL, got "off"',
+        'forward.over_quota: expected one of defer|downsample, got "burst"',
+        'log.level: expected one of debug|info|warning|error, got "loud"',
+        'clock.require_sync: expected one of auto|true|false, got "yes"',
+        'port[0].format: expected one of kv|json|csv|nmea, got "KV"',
+    ]
