@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = with_config("status", "print the ledger, budgets and ports (works while the daemon runs)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--watch", action="store_true", help="refresh every few seconds until interrupted")
+    status.add_argument(
+        "--watch", action="store_true", help=f"redraw every {WATCH_INTERVAL_S:g} s until interrupted (Ctrl-C)"
+    )
 
     deadletter = with_config("deadletter", "list, requeue or delete points the cloud refused for good")
     deadletter.add_argument("action", choices=("list", "retry", "purge"))
