@@ -62,6 +62,13 @@ def test_demo_headless_ends_by_itself_with_exit_0() -> None:
     assert "cloud outage begins" in result.stdout and "cloud is back" in result.stdout
     assert "nothing lost, nothing sent twice" in result.stdout
     assert "demo-device-token" not in result.stdout + result.stderr
+    # Piped: one line per event, never wrapped at 80 columns; the daemon's log among the events, in order.
+    lines = result.stdout.splitlines()
+    assert any("A simulated MCU prints" in line and "to a local cloud." in line for line in lines)
+    events = [line for line in lines if line.startswith("t=") and "cloud " not in line[:20]]
+    assert any("warning line_rejected port=" in line and "reason=syntax" in line for line in events)
+    assert events[-1].endswith("MCU stopped; queue empty")
+    assert result.stderr == ""
 
 
 async def test_check_config_online_checks_ports_and_tokens(tmp_path: Path) -> None:
