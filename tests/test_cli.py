@@ -112,3 +112,19 @@ async def test_check_config_online_answers_hostile_servers_and_urls_in_one_line_
         f"cloud.server: cannot reach {server.url} for pump: refused a redirect (308): carries user credentials",
     ]
     assert TOKEN not in result.stdout + result.stderr and "token accepted" not in result.stdout
+
+
+def test_every_subcommand_help_has_a_description_and_its_exit_codes() -> None:
+    from edgeforward.cli import COMMAND_HELP, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    assert set(commands.choices) == set(COMMAND_HELP)  # type: ignore[arg-type]
+    for name, sub in commands.choices.items():  # type: ignore[union-attr]
+        text = sub.format_help()
+        description, exit_codes = COMMAND_HELP[name]
+        assert " ".join(description.split()[:6]) in " ".join(text.split()), name
+        assert "exit codes:" in text and all(f"  {code}  " in text for code, _ in exit_codes), name
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    for name in COMMAND_HELP:
+        assert f"`edgeforward {name}" in readme, name
