@@ -55,7 +55,8 @@ _PIN_KEYS: Final[Mapping[str, int]] = {f"v{pin}": pin for pin in range(PIN_COUNT
 _META: Final = frozenset(META_KEYS)
 _INT_RE: Final = re.compile(r"[+-]?[0-9]+")
 _NUMBER_RE: Final = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_QUOTED_RE: Final = re.compile(r'"((?:[^"\\]+|\\.)*)"', re.DOTALL)
+# One character per step: "(?:[^"\\]+|\\.)*" backtracks exponentially on an unterminated quote (a hung loop).
+_QUOTED_RE: Final = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
 _BARE_RE: Final = re.compile(r"\S*")
 _UNESCAPE_RE: Final = re.compile(r'\\(["\\])')
 _NMEA_COORD_RE: Final = re.compile(r"([0-9]*)([0-9]{2}(?:\.[0-9]*)?)")

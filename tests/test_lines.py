@@ -970,5 +970,14 @@ def test_config_checks_csv_columns(tmp_path: Path) -> None:
 def test_config_newline_option(tmp_path: Path) -> None:
     assert port_problems({"path": "/dev/ttyS0", "newline": "cr"}, tmp_path) == []
     assert port_problems({"path": "/dev/ttyS0", "newline": "lfcr"}, tmp_path) == [
-        "port[0].newline: invalid enum value 'lfcr'"
+        'port[0].newline: expected one of lf|crlf|cr|any, got "lfcr"'
     ]
+
+
+def test_an_unterminated_quote_is_rejected_at_once_however_long_the_line() -> None:
+    # The quoted-value pattern once backtracked exponentially here: one such line hung the daemon's loop.
+    for text in ('v3="' + "ab " * 1300, 'v3="' + "a\\" * 2000):
+        result = parse_kv(text, CTX, NOW)
+        assert isinstance(result, Rejected) and result.reason == "syntax"
+    quoted = parse_kv('v3="door \\"A\\" open" v1=1', CTX, NOW)
+    assert isinstance(quoted, Reading) and dict(quoted.values)[3] == 'door "A" open'
