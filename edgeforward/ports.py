@@ -121,9 +121,9 @@ class Detection:
 
     @property
     def recognised(self) -> int:
-        """Lines this format understood (readings, and for nmea the sentences it knows to ignore)."""
-        extra = self.ignored["sentence"] + self.ignored["no_fix"] if self.format == "nmea" else 0
-        return self.readings + extra
+        """Lines this format understood: readings, and the lines it knows to ignore (csv headers, other NMEA)."""
+        known = {"nmea": ("sentence", "no_fix"), "csv": ("header",)}.get(self.format, ())
+        return self.readings + sum(self.ignored[reason] for reason in known)
 
 
 @dataclass
