@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -34,8 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgeforward {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        description, exit_codes = COMMAND_HELP[name]
+        return commands.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog="exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in exit_codes),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+        sub = command(name, help_text)
         sub.add_argument("--config", help="config file (default: $EDGEFORWARD_CONFIG)")
         return sub
 
@@ -46,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = with_config("status", "print the ledger, budgets and ports (works while the daemon runs)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--watch", action="store_true", help="refresh every few seconds until interrupted")
+    status.add_argument(
+        "--watch", action="store_true", help=f"redraw every {WATCH_INTERVAL_S:g} s until interrupted (Ctrl-C)"
+    )
 
     deadletter = with_config("deadletter", "list, requeue or delete points the cloud refused for good")
     deadletter.add_argument("action", choices=("list", "retry", "purge"))
@@ -68,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backfill.add_argument("--delimiter", default=",", help="field separator (default ,)")
 
-    cloudsim = commands.add_parser("cloudsim", help="a local Blynk-compatible device API server")
+    cloudsim = command("cloudsim", "a local Blynk-compatible device API server")
     cloudsim.add_argument(
         "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8080)"
     )
@@ -94,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     cloudsim.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key, if not in the certificate file")
     cloudsim.add_argument("--max-age-days", type=float, default=0, help="0 = no check")
 
-    demo = commands.add_parser("demo", help="a self-contained demonstration on this machine (no hardware)")
+    demo = command("demo", "a self-contained demonstration on this machine (no hardware)")
     demo.add_argument(
         "--duration",
         "--seconds",
@@ -104,7 +117,97 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the simulated MCU prints readings (default 20 s; the drain follows)",
     )
     demo.add_argument("--headless", action="store_true", help="plain lines instead of the live view (for CI)")
+
+    ports = command("ports", "list the serial ports, or look at the given ones; --sniff reads what they print")
+    ports.add_argument("paths", nargs="*", metavar="PATH", help="a device, /dev/serial/by-id link, glob or URL")
+    ports.add_argument(
+        "--sniff", type=float, metavar="SECONDS", help="read each port this long (never writing) and detect its lines"
+    )
+    ports.add_argument("--baud", type=int, default=DEFAULT_BAUD, help=f"when sniffing (default {DEFAULT_BAUD})")
+    ports.add_argument("--json", action="store_true", help="machine-readable output")
+
+    init = command("init", "sniff ports and write a commented config for them (tokens left to credentials)")
+    init.add_argument("--port", action="append", required=True, metavar="PATH", help="a port to sniff (repeatable)")
+    init.add_argument(
+        "--device", action="append", default=[], metavar="NAME", help="the device of each --port, in order"
+    )
+    init.add_argument("--output", type=Path, default=Path("edgeforward.toml"), help="default ./edgeforward.toml")
+    init.add_argument("--seconds", type=float, default=5.0, help="how long each port is read (default 5)")
+    init.add_argument("--baud", type=int, default=DEFAULT_BAUD, help=f"of every port (default {DEFAULT_BAUD})")
+    init.add_argument("--buffer", default=DEFAULT_BUFFER_PATH, help=f"[buffer] path (default {DEFAULT_BUFFER_PATH})")
+    init.add_argument("--force", action="store_true", help="replace an existing --output file")
     return parser
+
+
+DEFAULT_BAUD = 115_200
+DEFAULT_BUFFER_PATH = "/var/lib/edgeforward/buffer.db"
+_CONFIG_EXIT = (EXIT_CONFIG, "bad config: one line per problem on stderr, naming the key path")
+COMMAND_HELP: dict[str, tuple[str, tuple[tuple[int, str], ...]]] = {
+    "run": (
+        "Run the daemon in the foreground: read every port, commit each reading to the buffer, forward it to the "
+        "cloud. SIGTERM or SIGINT stops it within a few seconds: what was read is committed, in-flight requests "
+        "are abandoned (their points stay queued).",
+        ((EXIT_OK, "clean stop"), _CONFIG_EXIT, (EXIT_FATAL, "another fatal error, logged on its own `fatal` line")),
+    ),
+    "check-config": (
+        "Validate the config file without touching ports or network (tokens are checked for form only). "
+        "With --online also check that each port exists and that the cloud accepts each token (one "
+        "GET isHardwareConnected per device, no data sent).",
+        (
+            (EXIT_OK, "valid"),
+            (EXIT_CONFIG, "invalid: one line per problem on stderr"),
+            (EXIT_FATAL, "--online: a port or a token failed"),
+        ),
+    ),
+    "status": (
+        "Print the ledger, budgets and port counters from the buffer database, while the daemon runs or not: "
+        "tables where they fit the width, one block per device and port where not (80 columns, piped).",
+        ((EXIT_OK, "printed (also when the buffer does not exist yet: it says so)"), _CONFIG_EXIT),
+    ),
+    "deadletter": (
+        "List, requeue (retry) or delete (purge) the points the cloud refused for good; the ledger stays exact.",
+        ((EXIT_OK, "done"), _CONFIG_EXIT),
+    ),
+    "import": (
+        "Backfill data logger CSV files (a header row naming pins, or Campbell Scientific TOA5) into the buffer. "
+        "Idempotent: importing a file again queues nothing twice.",
+        (
+            (EXIT_OK, "all rows taken"),
+            (EXIT_FATAL, "some rows refused (each named by file, line and reason)"),
+            (EXIT_CONFIG, "bad config or options"),
+        ),
+    ),
+    "cloudsim": (
+        "A local Blynk-compatible device API server, for bench-testing firmware and the daemon without spending "
+        "real messages; strict like the real API, with outages and faults on demand.",
+        ((EXIT_OK, "interrupted"), (EXIT_CONFIG, "bad options: one line on stderr")),
+    ),
+    "demo": (
+        "A self-contained demonstration: a simulated microcontroller on a pseudo-terminal, a local cloud, the "
+        "real daemon, an outage and its recovery. A live view on a terminal, plain lines otherwise; ends by itself.",
+        ((EXIT_OK, "every reading reached the cloud exactly once"), (EXIT_FATAL, "a reading was lost or duplicated")),
+    ),
+    "ports": (
+        "List the serial ports (device node, /dev/serial/by-id names, USB vendor and product, whether you may "
+        "open them), or describe the PATHs given: any port path the config accepts. With --sniff, read each for "
+        "that many seconds without writing to it and report the line format (kv, json, csv, nmea), the pins "
+        "seen with their types, lines per second and sample lines.",
+        (
+            (EXIT_OK, "every port found (and, sniffing, printed lines of a known format)"),
+            (EXIT_FATAL, "a port was not found, or printed nothing recognisable"),
+            (EXIT_CONFIG, "bad options"),
+        ),
+    ),
+    "init": (
+        "Sniff each --port and write a commented config for what they print: ports, formats, devices and pin "
+        "types. Tokens are not asked for: each device names a systemd credential, explained in the file.",
+        (
+            (EXIT_OK, "written (check-config accepts it)"),
+            (EXIT_FATAL, "a port printed nothing recognisable: nothing written"),
+            (EXIT_CONFIG, "bad options, or the output file exists (--force)"),
+        ),
+    ),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "import": _import,
         "cloudsim": _cloudsim,
         "demo": _demo,
+        "ports": _ports,
+        "init": _init,
     }[args.command]
     try:
         return handler(args)
@@ -135,6 +240,8 @@ def _load(args: argparse.Namespace, *, read_tokens: bool = True) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Until the daemon's own handler is installed, a SIGTERM (nothing is open yet) is a clean stop, like SIGINT.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = _load(args)
     configure_logging(config.log.level, config.log.format, secrets=config.tokens, stream=sys.stdout)
     from .daemon import run_daemon
@@ -293,6 +400,35 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(seconds=args.duration, headless=args.headless)
+
+
+def _ports(args: argparse.Namespace) -> int:
+    from .ports import run_ports
+
+    configure_logging("error", "auto")  # the port's trouble is in the report; the log stays off stdout
+    if args.sniff is not None and args.sniff <= 0:
+        print("ports: --sniff needs a number of seconds above 0", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_ports(args.paths, args.sniff, args.baud, as_json_output=args.json)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from .ports import InitError, run_init
+
+    configure_logging("error", "auto")
+    try:
+        return run_init(
+            args.port,
+            args.device,
+            args.output,
+            seconds=args.seconds,
+            baud=args.baud,
+            buffer_path=args.buffer,
+            force=args.force,
+        )
+    except InitError as exc:
+        print(f"init: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import msgspec
 from msgspec import Meta
@@ -462,11 +463,11 @@ def _convert(value: Any, target: type[T], where: str, problems: list[str]) -> T 
     try:
         return msgspec.convert(value, target, strict=True)
     except msgspec.ValidationError as exc:
-        problems.append(_locate(str(exc), where))
+        problems.append(_locate(str(exc), where, target))
         return None
 
 
-def _locate(message: str, where: str) -> str:
+def _locate(message: str, where: str, target: Any = None) -> str:
     match = _AT_PATH.match(message)
     text, path = (match.group("msg"), match.group("path")) if match else (message, "")
     full = f"{where}{path}"
@@ -476,7 +477,45 @@ def _locate(message: str, where: str) -> str:
     missing = re.match(r"Object missing required field `([^`]*)`", text)
     if missing:
         return f"{full}.{missing.group(1)}: missing"
+    enum = re.match(r"Invalid enum value (.*)$", text)
+    choices = _choices_at(target, path) if enum else None
+    if enum and choices:
+        shown = '"' + enum.group(1).strip("'") + '"' if enum.group(1).startswith("'") else enum.group(1)
+        return f"{full}: expected one of {'|'.join(choices)}, got {shown}"
     return f"{full}: {_soften(text)}"
+
+
+def _choices_at(target: Any, path: str) -> list[str]:
+    """The valid values of the enum-like key at `path` (".format", ".limits.x") of a config table type."""
+    kind = target
+    for name in path.lstrip(".").split("."):
+        fields = {f.name: f.type for f in msgspec.structs.fields(kind)} if _is_table(kind) else {}
+        if name not in fields:
+            return []
+        kind = fields[name]
+    return _literals(kind)
+
+
+def _is_table(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+
+
+def _literals(kind: Any) -> list[str]:
+    """Every literal a type admits, TOML-spelled, case variants once ("FULL" stands for "full" too)."""
+    origin = get_origin(kind)
+    values: list[str] = []
+    if origin is Annotated:
+        values = _literals(get_args(kind)[0])
+    elif origin is Literal:
+        values = [str(arg) for arg in get_args(kind)]
+    elif origin in (Union, types.UnionType):
+        values = [value for arm in get_args(kind) for value in _literals(arm)]
+    elif kind is bool:
+        values = ["true", "false"]
+    shown: dict[str, str] = {}
+    for value in values:
+        shown.setdefault(value.lower(), value)
+    return list(shown.values())
 
 
 def _soften(message: str) -> str:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import io
+import json
 import math
 import os
 import tempfile
 import time
 import tty
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.markup import escape
+from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -34,7 +38,7 @@ OUTAGE_AFTER_SHARE = 0.25  # of the MCU's run: the outage begins then...
 OUTAGE_SHARE = 0.35  # ...and lasts this long, ending while the MCU still prints
 DRAIN_TIMEOUT_S = 25.0
 TICK_S = 0.5
-EVENTS_SHOWN = 6
+EVENTS_MIN_LINES = 5  # the events panel, borders included, on the smallest terminal
 
 
 async def _mcu(master: int, seconds: float) -> int:
@@ -68,6 +72,75 @@ class Frame:
     events: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the demo will do, and when (seconds after the MCU starts)."""
+
+    seconds: float
+    outage_from_s: float
+    outage_until_s: float
+    port_path: str
+    server: str
+
+    def intro(self) -> str:
+        """Say up front what will happen and what live and history mean."""
+        return (
+            f"A simulated MCU prints {LINES_PER_SECOND} readings/s (and some garbage) on {self.port_path} for "
+            f"{self.seconds:g} s; the real daemon buffers them and forwards them to a local cloud.\n"
+            f"t={self.outage_from_s:.0f}-{self.outage_until_s:.0f} s: the cloud is down (HTTP 503), readings "
+            "queue up; then the queue drains and the demo ends.\n"
+            "live: the newest value of each pin, sent at once, stamped by the cloud. history: every other point, "
+            "sent later with its own timestamp."
+        )
+
+
+class EventLog(io.StringIO):
+    """The daemon's log as a stream: each JSON line becomes one event line of the demo, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.started = time.monotonic()
+        self._partial = ""
+
+    def elapsed(self) -> float:
+        """Seconds since the MCU started (0 before)."""
+        return max(0.0, time.monotonic() - self.started)
+
+    def add(self, text: str) -> None:
+        """Record one event, stamped with the demo's time."""
+        self.events.append(f"t={self.elapsed():4.1f}s  {text}")
+
+    def write(self, data: str) -> int:
+        """Take what the log handler writes; whole lines become events."""
+        lines = (self._partial + data).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                self.add(_log_event(line))
+        return len(data)
+
+    def isatty(self) -> bool:
+        """Not a terminal: the log renders JSON lines, which this stream reads back."""
+        return False
+
+
+def _log_event(line: str) -> str:
+    """One daemon log line as an event: "warning line_rejected port=... reason=syntax"."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict):
+        return line
+    fields = " ".join(
+        f"{key}={value}"
+        for key, value in record.items()
+        if key not in ("event", "level", "timestamp", "logger") and value not in (None, "", 0)
+    )
+    return f"{record.get('level', 'log')} {record.get('event', '')} {fields}".rstrip()
+
+
 def frame_line(frame: Frame) -> str:
     """Return one tick as a plain line (headless mode)."""
     counts = frame.counts
@@ -78,39 +151,82 @@ def frame_line(frame: Frame) -> str:
     )
 
 
-def frame_view(frame: Frame, port_path: str, server: str) -> Group:
-    """Return one tick as a rich view: ports, queue, budget, the outage and the drain."""
+class View(Group):
+    """One tick's view, and how many events it had no room for."""
+
+    def __init__(self, *renderables: RenderableType, hidden: int) -> None:
+        super().__init__(*renderables)
+        self.hidden = hidden
+
+
+def frame_view(frame: Frame, plan: Plan, console: Console, height: int) -> View:
+    """Return one tick as a view `height` lines tall: the plan, the counters, progress, and the newest events."""
     counts = frame.counts
     cloud_style = "green" if frame.cloud == "up" else "bold red"
     state_style = {"online": "green", "offline": "red"}.get(frame.state, "yellow")
-    header = Text.from_markup(
-        f"[bold]edgeforward demo[/]  t={frame.elapsed_s:4.1f}s  cloud [{cloud_style}]{frame.cloud}[/]  "
-        f"device [{state_style}]{frame.state}[/]" + (f" ({escape(frame.reason)})" if frame.reason else "")
+    intro = Panel(Text(plan.intro()), title="edgeforward demo: what happens", title_align="left")
+    header = Text.assemble(
+        (f"t={frame.elapsed_s:4.1f}s", "bold"),
+        "  cloud ",
+        (frame.cloud, cloud_style),
+        "  device ",
+        (frame.state, state_style),
+        f" ({frame.reason})" if frame.reason else "",
     )
-    port = Table(title="serial port (simulated MCU)", title_justify="left")
-    for column in ("port", "state", "lines ok", "bad", "bad by reason"):
-        port.add_column(column)
-    port.add_row(
-        escape(port_path),
-        str(frame.port.state),
-        str(frame.port.lines_ok),
-        str(frame.port.lines_bad),
-        ", ".join(f"{k} {v}" for k, v in sorted(frame.port.bad_reasons.items())) or "-",
-    )
-    queue = Table(title=f"buffer -> cloud ({escape(server)})", title_justify="left")
-    for column in ("received", "delivered live", "delivered history", "queued", "oldest queued", "messages used"):
-        queue.add_column(column, justify="right")
-    queue.add_row(
-        str(counts["received"]),
-        str(counts["delivered_live"]),
-        str(counts["delivered_history"]),
-        f"[bold]{counts['queued']}[/]",
-        "-" if frame.oldest_age_s is None else f"{frame.oldest_age_s:.0f} s",
-        f"{frame.messages_month} (points today {frame.points_today})",
-    )
-    bar = ProgressBar(total=max(1, counts["received"]), completed=counts["received"] - counts["queued"], width=60)
-    events = Text("\n".join(frame.events[-EVENTS_SHOWN:]) or "waiting for the first readings")
-    return Group(header, port, queue, Text("delivered / received"), bar, Text("events", style="bold"), events)
+    header.overflow = "fold"
+    numbers = Table.grid(padding=(0, 2))
+    numbers.add_column(style="dim", no_wrap=True)
+    numbers.add_column(overflow="fold")
+    numbers.add_column(style="dim", no_wrap=True)
+    numbers.add_column(overflow="fold")
+    bad = ", ".join(f"{k} {v}" for k, v in sorted(frame.port.bad_reasons.items()))
+    oldest = "" if frame.oldest_age_s is None else f" (oldest {frame.oldest_age_s:.0f} s)"
+    numbers.add_row("lines", f"{frame.port.lines_ok} ok, {frame.port.lines_bad} bad", "bad", bad or "-")
+    numbers.add_row("received", str(counts["received"]), "queued", Text(f"{counts['queued']}{oldest}", style="bold"))
+    numbers.add_row("live", str(counts["delivered_live"]), "history", str(counts["delivered_history"]))
+    numbers.add_row("messages", str(frame.messages_month), "points today", str(frame.points_today))
+    done = counts["received"] - counts["queued"]
+    progress = Table.grid(padding=(0, 1))
+    progress.add_column(no_wrap=True)
+    progress.add_column(ratio=1)
+    progress.add_row("delivered", ProgressBar(total=max(1, counts["received"]), completed=done))
+    top = Group(intro, header, numbers, progress)
+    used = len(console.render_lines(top, console.options, pad=False))
+    events, hidden = _events_panel(frame.events, console, max(EVENTS_MIN_LINES, height - used))
+    return View(top, events, hidden=hidden)
+
+
+def _events_panel(events: tuple[str, ...], console: Console, height: int) -> tuple[Panel, int]:
+    """The newest events that fit in `height` lines (borders included), oldest first; older ones counted."""
+    width = max(10, console.options.max_width - 4)
+    room = height - 2
+    shown: list[Text] = []
+    for event in reversed(events):
+        text = Text(event, style=_event_style(event))
+        lines = len(text.wrap(console, width))
+        if lines > room:
+            break
+        shown.insert(0, text)
+        room -= lines
+    earlier = len(events) - len(shown)
+    title = f"events ({earlier} earlier, all of them listed at the end)" if earlier else "events"
+    body = Text("\n").join(shown) if shown else Text("no events yet", style="dim")
+    # As tall as the events need while they fit, then all the room there is.
+    needed = sum(len(text.wrap(console, width)) for text in shown) + 2
+    panel = Panel(body, title=title, title_align="left", height=max(EVENTS_MIN_LINES, min(height, needed)))
+    return panel, earlier
+
+
+def _event_style(event: str) -> str:
+    if " warning " in event or " error " in event:
+        return "yellow"
+    return ""
+
+
+def all_events_panel(events: Sequence[str]) -> Panel:
+    """Every event of the run, in order (printed once the live view has ended)."""
+    body = Text("\n").join(Text(event, style=_event_style(event)) for event in events)
+    return Panel(body, title=f"events (all {len(events)})", title_align="left")
 
 
 async def _demo(seconds: float, console: Console, *, headless: bool) -> bool:
@@ -119,8 +235,15 @@ async def _demo(seconds: float, console: Console, *, headless: bool) -> bool:
     master, slave = os.openpty()
     tty.setraw(slave)
     port_path = os.ttyname(slave)
-    outage_after = seconds * OUTAGE_AFTER_SHARE
-    outage_until = outage_after + seconds * OUTAGE_SHARE
+    plan = Plan(
+        seconds=seconds,
+        outage_from_s=seconds * OUTAGE_AFTER_SHARE,
+        outage_until_s=seconds * (OUTAGE_AFTER_SHARE + OUTAGE_SHARE),
+        port_path=port_path,
+        server=server,
+    )
+    log = EventLog()
+    configure_logging("warning", "json", stream=log)  # the daemon's log goes to the events, never the screen
     with tempfile.TemporaryDirectory(prefix="edgeforward-demo-") as tmp:
         config = parse_config(
             {
@@ -138,38 +261,39 @@ async def _demo(seconds: float, console: Console, *, headless: bool) -> bool:
             },
             Path(tmp) / "edgeforward.toml",
         )
-        console.print(f"[bold]edgeforward demo[/]: MCU on {port_path}, cloud at {server}, buffer in {tmp}")
+        if headless:
+            for line in plan.intro().splitlines():
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+            console.print(f"buffer in {tmp}", markup=False, highlight=False, soft_wrap=True)
         daemon = Daemon(config)
         stop = asyncio.Event()
         runner = asyncio.create_task(daemon.run(stop), name="daemon")
         await daemon.ready.wait()
+        log.started = time.monotonic()
         mcu = asyncio.create_task(_mcu(master, seconds), name="mcu")
-        started = time.monotonic()
-        events: list[str] = []
-        outage_on = outage_off = drained = False
-        printed = 0
-        live = Live(console=console, auto_refresh=False, transient=False) if not headless else None
+        log.add(f"MCU starts printing on {port_path}; daemon running, buffer in {tmp}")
+        story = _Story(plan, sim, log)
+        printed = hidden = 0
+        live = (
+            None if headless else Live(console=console, auto_refresh=False, transient=False, vertical_overflow="crop")
+        )
         with live if live is not None else contextlib.nullcontext():
             while True:
-                elapsed = time.monotonic() - started
-                if not outage_on and elapsed >= outage_after:
-                    sim.outage, outage_on = "503", True
-                    events.append(f"t={elapsed:4.1f}s  cloud outage begins (HTTP 503): readings queue up")
-                if outage_on and not outage_off and elapsed >= outage_until:
-                    sim.outage, outage_off = None, True
-                    events.append(f"t={elapsed:4.1f}s  cloud is back: the backlog drains by timestamped batches")
-                frame = await _frame(daemon, sim, elapsed, tuple(events))
-                if mcu.done() and not drained and frame.counts["queued"] == 0 and outage_off:
-                    drained = True
-                    events.append(f"t={elapsed:4.1f}s  MCU stopped; queue empty")
+                elapsed = log.elapsed()
+                story.before(elapsed)
+                frame = await _frame(daemon, sim, elapsed, ())
+                finished = story.after(frame, mcu.done())
+                frame = dataclasses.replace(frame, events=tuple(log.events))
                 if live is not None:
-                    live.update(frame_view(frame, port_path, server), refresh=True)
+                    view = frame_view(frame, plan, console, console.size.height - 1)
+                    hidden = view.hidden
+                    live.update(view, refresh=True)
                 else:
-                    for event in events[printed:]:
+                    for event in log.events[printed:]:
                         console.print(event, markup=False, highlight=False, soft_wrap=True)
-                    printed = len(events)
+                    printed = len(log.events)
                     console.print(frame_line(frame), markup=False, highlight=False, soft_wrap=True)
-                if drained or (mcu.done() and elapsed > seconds + DRAIN_TIMEOUT_S):
+                if finished or (mcu.done() and elapsed > seconds + DRAIN_TIMEOUT_S):
                     break
                 await asyncio.sleep(TICK_S)
         lines = await mcu
@@ -180,7 +304,47 @@ async def _demo(seconds: float, console: Console, *, headless: bool) -> bool:
         os.close(master)
         os.close(slave)
     await sim.stop()
+    if live is not None:
+        if hidden:  # the live view had no room for every event: list them all once it has ended
+            console.print(all_events_panel(log.events))
+    else:
+        for event in log.events[printed:]:
+            console.print(event, markup=False, highlight=False, soft_wrap=True)
     return _summary(console, lines, counts, sim)
+
+
+class _Story:
+    """The demo's own events: the outage it makes, and what it sees happen, each once and in order."""
+
+    def __init__(self, plan: Plan, sim: CloudSim, log: EventLog) -> None:
+        self.plan = plan
+        self.sim = sim
+        self.log = log
+        self.outage_on = self.outage_off = self.drained = False
+        self.first_reading = False
+        self.state = "unknown"
+
+    def before(self, elapsed: float) -> None:
+        """Start and end the outage on time."""
+        if not self.outage_on and elapsed >= self.plan.outage_from_s:
+            self.sim.outage, self.outage_on = "503", True
+            self.log.add("cloud outage begins (HTTP 503): readings queue up in the buffer")
+        if self.outage_on and not self.outage_off and elapsed >= self.plan.outage_until_s:
+            self.sim.outage, self.outage_off = None, True
+            self.log.add("cloud is back: the backlog drains by timestamped batches (history)")
+
+    def after(self, frame: Frame, mcu_done: bool) -> bool:
+        """Note what the frame shows that is new; return True once the run is over."""
+        if not self.first_reading and frame.counts["received"]:
+            self.first_reading = True
+            self.log.add(f"first readings committed to the buffer ({frame.counts['received']} points)")
+        if frame.state != self.state:
+            self.state = frame.state
+            self.log.add(f"device demo {frame.state}" + (f" ({frame.reason})" if frame.reason else ""))
+        if mcu_done and not self.drained and frame.counts["queued"] == 0 and self.outage_off:
+            self.drained = True
+            self.log.add("MCU stopped; queue empty")
+        return self.drained
 
 
 async def _frame(daemon: Daemon, sim: CloudSim, elapsed: float, events: tuple[str, ...]) -> Frame:
@@ -241,7 +405,6 @@ def _summary(console: Console, lines: int, counts: dict[str, int], sim: CloudSim
 
 def run_demo(seconds: float = 20.0, *, headless: bool = False) -> int:
     """Run the demonstration; exit code 0 when every reading reached the cloud exactly once."""
-    configure_logging("warning", "console")
     console = Console()
     ok = asyncio.run(_demo(seconds, console, headless=headless or not console.is_terminal))
     return 0 if ok else 1

@@ -112,16 +112,21 @@ def configure_logging(
 
 
 class Throttle:
-    """Allow `per_minute` events a minute; count the rest so a summary can say how many were held back."""
+    """Allow `per_minute` events a minute, and the first event of each kind always; count what is held back."""
 
     def __init__(self, per_minute: int) -> None:
         self._per_minute = per_minute
         self._window_start = 0.0
         self._allowed = 0
+        self._kinds: set[str] = set()
         self.suppressed = 0
 
-    def allow(self, now: float | None = None) -> bool:
-        """Return True if this event may be logged."""
+    def allow(self, now: float | None = None, *, kind: str | None = None) -> bool:
+        """Return True if this event may be logged: the first of its `kind`, or within the minute's allowance."""
+        if kind is not None and kind not in self._kinds:
+            # The first of a kind says what is wrong; a burst of another kind must not hide it.
+            self._kinds.add(kind)
+            return True
         now = time.monotonic() if now is None else now
         if now - self._window_start >= 60.0:
             self._window_start = now

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console, Group
-from rich.markup import escape
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -19,6 +20,7 @@ from .forward.state import parse_status_meta, status_meta_key
 from .store import LEDGER_FIELDS, queries, running_pid
 
 CONTRACT_LEDGER = ("received", "delivered", "queued", "expired", "dropped", "rejected", "downsampled")
+UNLIMITED_WIDTH = 100_000
 FORWARD_FIELDS = ("waiting_reason", "next_attempt_ts", "live_interval_s", "history_interval_s", "parked_pins")
 
 
@@ -29,7 +31,8 @@ def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]
     ports: dict[str, dict[str, Any]] = {p.path: _empty_port() for p in config.ports}
     daemon: dict[str, Any] = {"running": False, "pid": None}
     path = Path(config.buffer.path)
-    if path.exists():
+    exists = path.exists()
+    if exists:
         with queries.connect(path) as db:
             _read_devices(queries.devices(db, now_s), devices)
             _read_ports(queries.ports(db), ports)
@@ -41,7 +44,8 @@ def read_status(config: Config, *, now_s: float | None = None) -> dict[str, Any]
         recovery = {"buffer_recovery": None, "recoveries": 0, "clock": None, "held_unstamped": 0}
     for name, entry in devices.items():
         entry.update(_forecast(config, name, entry, now_s))
-    return {"devices": devices, "ports": ports, "daemon": daemon, "buffer": str(path), **recovery}
+    document = {"devices": devices, "ports": ports, "daemon": daemon, "buffer": str(path), "buffer_exists": exists}
+    return {**document, **recovery}
 
 
 def _read_recovery(meta: dict[str, str], held: dict[str, int], devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -115,6 +119,7 @@ def _empty_port() -> dict[str, Any]:
         "resent": 0,
         "bad_reasons": {},
         "ignored_reasons": {},
+        "last_error": None,
     }
 
 
@@ -150,6 +155,7 @@ def _read_ports(
                 "resent": extra.get("resent", 0),
                 "bad_reasons": extra.get("bad_reasons", {}),
                 "ignored_reasons": extra.get("ignored_reasons", {}),
+                "last_error": extra.get("last_error"),
             }
         )
 
@@ -175,107 +181,234 @@ def _alive(pid: int) -> bool:
 
 
 def render_status(document: dict[str, Any], console: Console) -> None:
-    """Print the status document as tables."""
+    """Print the status document: wide tables where they fit, one block per device and port where not."""
     console.print(status_view(document))
 
 
-def status_view(document: dict[str, Any], *, now_s: float | None = None) -> Group:
-    """Return the human view of a status document: a headline, the devices and the ports."""
-    now = time.time() if now_s is None else now_s
+def status_view(document: dict[str, Any], *, now_s: float | None = None) -> StatusView:
+    """Return the human view of a status document; its layout is chosen for the width it is drawn at."""
+    return StatusView(document, time.time() if now_s is None else now_s)
+
+
+class StatusView:
+    """A headline, then the devices and the ports: each section a table if it fits the width, else stacked."""
+
+    def __init__(self, document: dict[str, Any], now_s: float) -> None:
+        self.document = document
+        self.now_s = now_s
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        """Draw the view at the width rich offers (a terminal's, 80 columns when piped)."""
+        document, now = self.document, self.now_s
+        running = bool(document["daemon"]["running"])
+        yield _headline(document)
+        yield Text()
+        devices = document["devices"]
+        ports = document["ports"]
+        for wide, stacked in (
+            (_devices_table(devices, now, running=running), _device_blocks(devices, now, running=running)),
+            (_ports_table(ports, running=running), _port_blocks(ports, running=running)),
+        ):
+            # Measured without a width limit: rich caps a table's measure at the width it is offered.
+            if Measurement.get(console, options.update(max_width=UNLIMITED_WIDTH), wide).maximum <= options.max_width:
+                yield wide
+                yield Text()
+            else:
+                yield from stacked  # each block ends with a blank line
+
+
+def _headline(document: dict[str, Any]) -> Text:
     daemon = document["daemon"]
-    running = f"[green]running[/] (pid {daemon['pid']})" if daemon["running"] else "[yellow]not running[/]"
-    headline = Text.from_markup(f"edgeforward {running}  buffer {escape(document['buffer'])}")
-    return Group(
-        headline,
-        _devices_table(document["devices"], now),
-        _ports_table(document["ports"], running=bool(daemon["running"])),
-    )
+    text = Text("edgeforward ", style="bold")
+    if daemon["running"]:
+        text.append("running", style="green").append(f" (pid {daemon['pid']})")
+    else:
+        text.append("not running", style="yellow")
+    text.append("\nbuffer ").append(str(document["buffer"]), style="cyan")
+    if document.get("buffer_exists") is False:
+        text.append(
+            "\nno such file yet: the daemon has not run with this config, or [buffer] path names another "
+            "file (the counts below are zero)",
+            style="yellow",
+        )
+    text.overflow = "fold"
+    return text
 
 
-def _devices_table(devices: dict[str, Any], now: float) -> Table:
-    table = Table(title="devices", title_justify="left", expand=False)
-    table.add_column("device")
-    table.add_column("state (why)")
-    for column in ("received", "delivered live/history", "queued", "expired", "dropped", "rejected"):
-        table.add_column(column, justify="right")
-    table.add_column("oldest queued", justify="right")
-    table.add_column("budget: points today", justify="right")
-    table.add_column("messages this month", justify="right")
-    table.add_column("last success", justify="right")
+_STATE_STYLES = {"online": "green", "offline": "red", "parked": "red", "unknown": "yellow", "open": "green"}
+_WAITING = {
+    "pacing": "the next live tick or history round is due",
+    "points_budget": "today's points are spent; history resumes at 00:00 UTC",
+    "messages_budget": "this month's messages are spent; resumes on the 1st, 00:00 UTC",
+    "quota": "the cloud says a quota is reached",
+    "retry_after": "the cloud asked to wait (429 Retry-After)",
+    "backoff": "the cloud could not be reached; retrying with backoff",
+    "refused": "the cloud refused a request without a documented reason",
+    "parked": "the token was refused; checked again every park_recheck_s",
+    "store": "the buffer could not record what a request would spend",
+}
+
+
+def _state(entry: dict[str, Any]) -> Text:
+    text = Text(str(entry["state"]), style=_STATE_STYLES.get(str(entry["state"]), "white"))
+    if entry.get("reason"):
+        text.append(f" ({entry['reason']})")
+    return text
+
+
+def _next(entry: dict[str, Any], now: float, *, running: bool) -> str:
+    """What the forwarder does next: "pacing, in 40 s", or why nothing is planned."""
+    if not running:
+        return "nothing planned (daemon stopped)"
+    reason = entry.get("waiting_reason")
+    text = str(reason) if reason else ("sending" if entry.get("queued") else "idle")
+    next_ts = entry.get("next_attempt_ts")
+    if next_ts is not None:
+        text += f", in {_duration(max(0.0, next_ts / 1000 - now))}"
+    return text
+
+
+def _intervals(entry: dict[str, Any]) -> str:
+    live, history = entry.get("live_interval_s"), entry.get("history_interval_s")
+    parts = []
+    if live:
+        parts.append(f"live every {_duration(live)}")
+    if history:
+        parts.append(f"history every {_duration(history)}")
+    return ", ".join(parts) or "-"
+
+
+def _rejected(entry: dict[str, Any]) -> str:
+    return str(entry["rejected"]) + (f" ({entry['deadletter']} in dead letters)" if entry["deadletter"] else "")
+
+
+def _devices_table(devices: dict[str, Any], now: float, *, running: bool) -> Table:
+    table = Table(title="devices", title_justify="left", title_style="bold", expand=False)
+    table.add_column("device", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for column in ("received", "delivered (live/history)", "queued (oldest)", "expired/dropped/rejected"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("points today", justify="right", no_wrap=True)
+    table.add_column("messages (month)", justify="right", no_wrap=True)
+    table.add_column("last success", justify="right", no_wrap=True)
+    table.add_column("next request", no_wrap=True)
     for name, entry in devices.items():
-        state = f"[{_STATE_STYLES.get(entry['state'], 'white')}]{entry['state']}[/]"
-        if entry.get("reason"):
-            state += f" ({escape(str(entry['reason']))})"
-        state += _waiting(entry, now)
-        rejected = str(entry["rejected"]) + (f" ({entry['deadletter']} in dead letters)" if entry["deadletter"] else "")
+        oldest = f" ({_age(entry['oldest_queued_ts'], now)})" if entry["queued"] else ""
         table.add_row(
-            escape(name),
-            state,
+            Text(name),
+            _state(entry),
             str(entry["received"]),
             f"{entry['delivered']} ({entry['delivered_live']}/{entry['delivered_history']})",
-            str(entry["queued"]),
-            str(entry["expired"]),
-            str(entry["dropped"]),
-            rejected,
-            _age(entry["oldest_queued_ts"], now),
-            _used(entry["points_today"], entry["points_per_day_limit"]),
-            _used(entry["messages_this_month"], entry["messages_per_month_limit"]),
+            f"{entry['queued']}{oldest}",
+            f"{entry['expired']}/{entry['dropped']}/{entry['rejected']}",
+            _used(entry["points_today"], entry["points_per_day_limit"], compact=True),
+            _used(entry["messages_this_month"], entry["messages_per_month_limit"], compact=True),
             _age(entry["last_success_ts"], now, suffix=" ago"),
+            _next(entry, now, running=running),
         )
     return table
 
 
+def _block(title: str, name: str, rows: list[tuple[str, str | Text]]) -> Table:
+    """One device or port, stacked: its name, then a label and a value per line (values wrap, never cut)."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, value in rows:
+        grid.add_row(label, value)
+    outer = Table.grid()
+    outer.add_column(overflow="fold")
+    outer.add_row(Text(f"{title} ", style="bold").append(name))
+    outer.add_row(Padding(grid, (0, 0, 1, 2)))
+    return outer
+
+
+def _device_blocks(devices: dict[str, Any], now: float, *, running: bool) -> list[Table]:
+    blocks = []
+    for name, entry in devices.items():
+        waiting = _next(entry, now, running=running)
+        meaning = _WAITING.get(str(entry.get("waiting_reason"))) if running else None
+        queued = str(entry["queued"])
+        if entry["queued"]:
+            queued += f", oldest {_age(entry['oldest_queued_ts'], now)}"
+        rows: list[tuple[str, str | Text]] = [
+            ("state", _state(entry)),
+            ("received", str(entry["received"])),
+            (
+                "delivered",
+                f"{entry['delivered']} (live {entry['delivered_live']}, history {entry['delivered_history']})",
+            ),
+            ("queued", queued),
+            (
+                "not sent",
+                f"expired {entry['expired']}, dropped {entry['dropped']}, rejected {_rejected(entry)}, "
+                f"downsampled {entry['downsampled']}",
+            ),
+            ("points today", _used(entry["points_today"], entry["points_per_day_limit"])),
+            ("messages", _used(entry["messages_this_month"], entry["messages_per_month_limit"]) + " this month"),
+            ("last success", _age(entry["last_success_ts"], now, suffix=" ago")),
+            ("next request", waiting + (f" ({meaning})" if meaning else "")),
+            ("intervals", _intervals(entry)),
+        ]
+        blocks.append(_block("device", name, rows))
+    return blocks
+
+
+def _port_state(entry: dict[str, Any], *, running: bool) -> Text:
+    if not running:
+        return Text("closed (daemon stopped)", style="yellow")
+    return Text(str(entry["state"]), style="green" if entry["state"] == "open" else "red")
+
+
 def _ports_table(ports: dict[str, Any], *, running: bool) -> Table:
-    table = Table(title="ports", title_justify="left", expand=False)
-    table.add_column("port")
-    table.add_column("state")
+    table = Table(title="ports", title_justify="left", title_style="bold", expand=False)
+    table.add_column("port", no_wrap=True)
+    table.add_column("state", no_wrap=True)
     for column in ("lines ok", "bad", "ignored", "reconnects", "resent"):
-        table.add_column(column, justify="right")
-    table.add_column("bad by reason")
-    table.add_column("ignored by reason")
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("bad by reason", no_wrap=True)
+    table.add_column("ignored by reason", no_wrap=True)
+    table.add_column("last error", no_wrap=True)
     for path, entry in ports.items():
-        style = "green" if entry["state"] == "open" else "red"
-        state = f"[{style}]{entry['state']}[/]" if running else "closed (daemon stopped)"
         table.add_row(
-            escape(path),
-            state,
+            Text(path),
+            _port_state(entry, running=running),
             str(entry["lines_ok"]),
             str(entry["lines_bad"]),
             str(entry["lines_ignored"]),
             str(entry["reconnects"]),
             str(entry["resent"]),
-            escape(_reasons(entry["bad_reasons"])),
-            escape(_reasons(entry["ignored_reasons"])),
+            _reasons(entry["bad_reasons"]),
+            _reasons(entry["ignored_reasons"]),
+            Text(entry.get("last_error") or "-"),
         )
     return table
 
 
-_STATE_STYLES = {"online": "green", "offline": "red", "parked": "red", "unknown": "yellow"}
-
-
-def _waiting(entry: dict[str, Any], now: float) -> str:
-    """Why queued points wait and when the next request is planned, e.g. "; pacing, next in 40 s"."""
-    reason = entry.get("waiting_reason")
-    if not reason or not entry.get("queued"):
-        return ""
-    text = f"; {reason}"
-    next_ts = entry.get("next_attempt_ts")
-    if next_ts is not None:
-        text += f", next in {_duration(max(0.0, next_ts / 1000 - now))}"
-    interval = entry.get("history_interval_s")
-    if reason == "pacing" and interval is not None:
-        text += f" (history every {_duration(interval)})"
-    return escape(text)
+def _port_blocks(ports: dict[str, Any], *, running: bool) -> list[Table]:
+    blocks = []
+    for path, entry in ports.items():
+        rows: list[tuple[str, str | Text]] = [
+            ("state", _port_state(entry, running=running)),
+            ("lines", f"{entry['lines_ok']} ok, {entry['lines_bad']} bad, {entry['lines_ignored']} ignored"),
+            ("reconnects", str(entry["reconnects"])),
+            ("bad", _reasons(entry["bad_reasons"])),
+            ("ignored", _reasons(entry["ignored_reasons"])),
+            ("last error", Text(entry.get("last_error") or "-")),
+        ]
+        blocks.append(_block("port", path, rows))
+    return blocks
 
 
 def _reasons(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())) or "-"
 
 
-def _used(used: int, limit: int) -> str:
+def _used(used: int, limit: int, *, compact: bool = False) -> str:
     if not limit:
         return f"{used} (no limit)"
-    return f"{used} / {limit} ({100 * used / limit:.0f}%)"
+    slash = "/" if compact else " / "
+    return f"{used}{slash}{limit} ({100 * used / limit:.0f}%)"
 
 
 def _age(ts_ms: int | None, now: float, suffix: str = "") -> str:
@@ -286,7 +419,9 @@ def _age(ts_ms: int | None, now: float, suffix: str = "") -> str:
 
 def _duration(seconds_f: float) -> str:
     seconds = int(seconds_f)
-    if seconds < 120:
+    if seconds_f < 10:
+        text = f"{round(seconds_f, 1):g} s"
+    elif seconds < 120:
         text = f"{seconds} s"
     elif seconds < 7200:
         text = f"{seconds // 60} min"

@@ -62,6 +62,13 @@ def test_demo_headless_ends_by_itself_with_exit_0() -> None:
     assert "cloud outage begins" in result.stdout and "cloud is back" in result.stdout
     assert "nothing lost, nothing sent twice" in result.stdout
     assert "demo-device-token" not in result.stdout + result.stderr
+    # Piped: one line per event, never wrapped at 80 columns; the daemon's log among the events, in order.
+    lines = result.stdout.splitlines()
+    assert any("A simulated MCU prints" in line and "to a local cloud." in line for line in lines)
+    events = [line for line in lines if line.startswith("t=") and "cloud " not in line[:20]]
+    assert any("warning line_rejected port=" in line and "reason=syntax" in line for line in events)
+    assert events[-1].endswith("MCU stopped; queue empty")
+    assert result.stderr == ""
 
 
 async def test_check_config_online_checks_ports_and_tokens(tmp_path: Path) -> None:
@@ -105,3 +112,19 @@ async def test_check_config_online_answers_hostile_servers_and_urls_in_one_line_
         f"cloud.server: cannot reach {server.url} for pump: refused a redirect (308): carries user credentials",
     ]
     assert TOKEN not in result.stdout + result.stderr and "token accepted" not in result.stdout
+
+
+def test_every_subcommand_help_has_a_description_and_its_exit_codes() -> None:
+    from edgeforward.cli import COMMAND_HELP, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    assert set(commands.choices) == set(COMMAND_HELP)  # type: ignore[arg-type]
+    for name, sub in commands.choices.items():  # type: ignore[union-attr]
+        text = sub.format_help()
+        description, exit_codes = COMMAND_HELP[name]
+        assert " ".join(description.split()[:6]) in " ".join(text.split()), name
+        assert "exit codes:" in text and all(f"  {code}  " in text for code, _ in exit_codes), name
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    for name in COMMAND_HELP:
+        assert f"`edgeforward {name}" in readme, name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +214,7 @@ def test_config_checks_csv_columns(tmp_path: Path) -> None:
 def test_config_newline_option(tmp_path: Path) -> None:
     assert port_problems({"path": "/dev/ttyS0", "newline": "cr"}, tmp_path) == []
     assert port_problems({"path": "/dev/ttyS0", "newline": "lfcr"}, tmp_path) == [
-        "port[0].newline: invalid enum value 'lfcr'"
+        'port[0].newline: expected one of lf|crlf|cr|any, got "lfcr"'
     ]
 
 
@@ -221,3 +223,74 @@ def test_config_reset_on_open_is_for_device_paths(tmp_path: Path) -> None:
     assert port_problems({"path": "socket://10.0.0.5:2000", "reset_on_open": False}, tmp_path) == [
         "port[0].reset_on_open: only a device path has DTR/RTS lines to keep, not a URL"
     ]
+
+
+def test_enum_errors_list_the_valid_values(tmp_path: Path) -> None:
+    raw = {
+        "buffer": {"synchronous": "off"},
+        "forward": {"over_quota": "burst"},
+        "clock": {"require_sync": "yes"},
+        "log": {"level": "loud"},
+        "port": [{"path": "/dev/ttyACM0", "device": "pump", "format": "KV"}],
+        "device": [device()],
+    }
+    assert problems_of(raw, tmp_path) == [
+        'buffer.synchronous: expected one of FULL|NORMAL, got "off"',
+        'forward.over_quota: expected one of defer|downsample, got "burst"',
+        'log.level: expected one of debug|info|warning|error, got "loud"',
+        'clock.require_sync: expected one of auto|true|false, got "yes"',
+        'port[0].format: expected one of kv|json|csv|nmea, got "KV"',
+    ]
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "edgeforward.toml"
+_TABLE_RE = re.compile(r"^(?:# )?\[\[?([a-z_.]+)\]\]?")
+_KEY_RE = re.compile(r"^(?:# )?([a-z_0-9]+)\s*=\s*(.*)$")
+
+
+def _schema() -> dict[str, set[str]]:
+    """Every key the config accepts, by table, from the msgspec Structs that decode it."""
+    from edgeforward import config as model
+
+    def keys(struct: Any, *skip: str) -> set[str]:
+        return {f.name for f in msgspec.structs.fields(struct)} - set(skip)
+
+    tables = {name: keys(struct, "limits") for name, struct in model._TOP_LEVEL.items()}  # [cloud.limits] below
+    return {
+        **tables,
+        "cloud.limits": keys(model.Limits),
+        "port": keys(model.PortConfig, "nmea"),
+        "port.nmea": keys(model.NmeaPins),
+        "device": keys(model._DeviceTable, "pins", "limits"),
+        "device.pins": keys(model.PinSpec),
+        "device.limits": keys(model.Limits),
+    }
+
+
+def _example_keys() -> dict[str, set[str]]:
+    """Every key the example sets or shows commented out ("# key = value"), by table."""
+    found: dict[str, set[str]] = {}
+    table = ""
+    for line in EXAMPLE.read_text().splitlines():
+        if header := _TABLE_RE.match(line):
+            table = header.group(1)
+            found.setdefault(table, set())
+            continue
+        key = _KEY_RE.match(line)
+        if key is None:
+            continue
+        # A commented key is valid TOML once uncommented (a reader can trust the example).
+        value = tomllib.loads(f"{key.group(1)} = {key.group(2)}")[key.group(1)]
+        if table == "device.pins":
+            found[table] |= set(value) if isinstance(value, dict) else {"type"}
+        else:
+            found[table].add(key.group(1))
+    return found
+
+
+def test_the_example_config_lists_every_key_of_the_schema() -> None:
+    schema, example = _schema(), _example_keys()
+    assert set(example) == set(schema)
+    for table, keys in schema.items():
+        assert example[table] == keys, (table, keys - example[table], example[table] - keys)
+    parse_config(tomllib.loads(EXAMPLE.read_text()), EXAMPLE, read_tokens=False)

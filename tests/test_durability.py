@@ -74,6 +74,12 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
         file.write(data)
 
 
+def page_size(path: Path) -> int:
+    """The file's own page size (new buffers use 1 KiB pages, older ones 4 KiB)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("PRAGMA page_size").fetchone()[0])
+
+
 def table_pages(path: Path, table: str) -> list[int]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         return [
@@ -82,9 +88,9 @@ def table_pages(path: Path, table: str) -> list[int]:
 
 
 def truncated(path: Path) -> None:
-    size = path.stat().st_size
+    size, page = path.stat().st_size, page_size(path)
     with path.open("r+b") as file:
-        file.truncate(size * 6 // 10 // PAGE * PAGE + 123)
+        file.truncate(size * 6 // 10 // page * page + 123)
 
 
 def garbage_header(path: Path) -> None:
@@ -92,14 +98,16 @@ def garbage_header(path: Path) -> None:
 
 
 def zeroed_middle(path: Path) -> None:
-    pages = path.stat().st_size // PAGE
-    overwrite(path, pages // 2 * PAGE, bytes(4 * PAGE))
+    page = page_size(path)
+    pages = path.stat().st_size // page
+    overwrite(path, pages // 2 * page, bytes(4 * page))
 
 
 def random_over_points(path: Path) -> None:
     rng = random.Random(2)
+    size = page_size(path)
     for page in rng.sample(table_pages(path, "points"), 3):
-        overwrite(path, (page - 1) * PAGE, rng.randbytes(PAGE))
+        overwrite(path, (page - 1) * size, rng.randbytes(size))
 
 
 def broken_wal(path: Path) -> None:

@@ -85,3 +85,12 @@ def test_lines_to_the_journal_lead_with_their_priority_and_json_is_unchanged(tmp
     assert events == [{**json.loads(line), "timestamp": None} for line in lines["plain"]]
     assert [event["event"] for event in events] == ["d", "i", "w", "e", "c"]
     assert TOKEN not in "".join(lines["journal"])
+
+
+def test_throttle_lets_the_first_of_each_kind_through_a_burst() -> None:
+    throttle = Throttle(2)
+    burst = [throttle.allow(0.0, kind="unknown_pin") for _ in range(5)]
+    assert burst == [True, True, True, False, False]  # the first of its kind, then 2 a minute
+    assert throttle.allow(1.0, kind="bad_ts") and throttle.allow(1.0, kind="syntax")
+    assert not throttle.allow(1.0, kind="bad_ts")
+    assert throttle.take_suppressed() == 3

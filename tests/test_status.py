@@ -39,15 +39,10 @@ EXTRA_DEVICE_KEYS = {
     "deadletter",
 }
 PORT_KEYS = {
-    "state",
-    "lines_ok",
-    "lines_bad",
-    "lines_ignored",
-    "reconnects",
-    "resent",
-    "bad_reasons",
-    "ignored_reasons",
-}
+    "state", "lines_ok", "lines_bad", "lines_ignored", "reconnects", "resent", "bad_reasons", "ignored_reasons",
+    "last_error",
+}  # fmt: skip
+STATUS_WIDTH = 80
 FLOW_TIMEOUT_S = 30.0
 PLAN_MESSAGES = 100_000_000
 
@@ -66,8 +61,11 @@ def test_status_before_the_first_run_keeps_every_contract_key(tmp_path: Path) ->
     assert set(document["devices"]["pump"]) == CONTRACT_DEVICE_KEYS | EXTRA_DEVICE_KEYS
     assert set(document["ports"]["/dev/ttyACM-none"]) == PORT_KEYS
     assert document["daemon"] == {"running": False, "pid": None}
+    assert document["buffer_exists"] is False
+    # Exit 0 as the contract says (a fresh install has no buffer before its first run), with the reason in words.
     human = edgeforward("status", "--config", str(config))
     assert human.returncode == 0 and "not running" in human.stdout and "pump" in human.stdout
+    assert "no such file yet: the daemon has not run with this config" in " ".join(human.stdout.split())
 
 
 async def test_status_view_while_running_and_after_stop(
@@ -100,7 +98,7 @@ async def test_status_view_while_running_and_after_stop(
     text = render(document, config)
     assert f"running (pid {daemon.process.pid if daemon.process else 0})" in text
     assert "online" in text and "unknown_pin 5" in text
-    assert f"/ {PLAN_MESSAGES} (0%)" in text  # messages this month against the plan
+    assert f"/{PLAN_MESSAGES} (0%)" in text  # messages this month against the plan
     assert " ago" in text  # last success
     # What the forwarder published: why points would wait, when it tries next, the intervals in effect.
     await wait_for(lambda: daemon.status()["devices"]["pump"]["next_attempt_ts"] is not None, FLOW_TIMEOUT_S, 0.3)
@@ -128,3 +126,46 @@ async def test_status_view_while_running_and_after_stop(
     assert daemon.status()["ports"][pty_port.path]["bad_reasons"] == {"unknown_pin": 6}
     assert daemon.stop() == 0
     print(stopped)
+
+
+async def test_status_at_80_columns_cuts_nothing_and_names_the_port_trouble(
+    tmp_path: Path, cloud: CloudSim, pty_port: Pty, daemon_factory: Callable[[Path], DaemonProcess]
+) -> None:
+    missing = "/dev/serial/by-id/usb-Arduino__www.arduino.cc__0043_85736323838351F0A1B2-if00"
+    ports = [{"path": pty_port.path, "device": "pump"}, {"path": missing, "device": "pump"}]
+    config = write_config(tmp_path, str(cloud.url), ports, [PUMP], limits={"messages_per_month": PLAN_MESSAGES})
+    daemon = daemon_factory(config)
+    daemon.start()
+    await daemon.wait_started()
+    await wait_for(lambda: daemon.status()["ports"][pty_port.path]["state"] == "open", FLOW_TIMEOUT_S, 0.3)
+    pty_port.write("v1=0.5 v2=0\n")
+    pty_port.write("v1=1.5 v2=1\nv7=1\n")
+
+    def settled() -> bool:
+        document = daemon.status()
+        return bool(
+            document["devices"]["pump"]["delivered"] >= 2
+            and document["ports"][pty_port.path]["lines_bad"] == 1
+            and document["ports"][missing]["last_error"]
+            and document["devices"]["pump"]["next_attempt_ts"] is not None
+        )
+
+    await wait_for(settled, FLOW_TIMEOUT_S, 0.3)
+    # Piped, as a script or `| less` sees it: rich draws at 80 columns.
+    result = edgeforward("status", "--config", str(config), env={"COLUMNS": str(STATUS_WIDTH)})
+    assert daemon.stop() == 0
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    print(text)
+    assert all(len(line) <= STATUS_WIDTH for line in text.splitlines())
+    assert "…" not in text and "..." not in text
+    for label in ("device pump", "state", "received", "delivered", "queued", "points today", "next request"):
+        assert label in text
+    assert f"port {pty_port.path}" in text and missing in text
+    assert "unknown_pin 1" in text
+    assert "could not open port" in text and "No such file or directory" in text
+    assert "[Errno" not in text
+    # Drained or not by now: either nothing waits ("idle") or the points wait for the next round ("pacing").
+    assert "next request idle, in" in text or "next request pacing, in" in text
+    wide = render(read_status(load_config(config)), config)
+    assert "┃ device" in wide and "┃ next request" in wide  # the devices table, where 200 columns hold it

@@ -31,6 +31,7 @@ import abc
 import asyncio
 import collections
 import contextlib
+import errno
 import glob
 import io
 import os
@@ -356,10 +357,23 @@ class ThreadLink(Link):
 
 def explain(exc: BaseException) -> str:
     """Return the text of a port's trouble for `last_error`, with a hint where pyserial's own is cryptic."""
-    error = str(exc) or type(exc).__name__
+    error = _one_sentence(exc)
     if SET_CONTROL_TIMEOUT in error:
         error += SET_CONTROL_HINT
     return error
+
+
+def _one_sentence(exc: BaseException) -> str:
+    """A port failure in one plain sentence: pyserial's "[Errno 2] ...: [Errno 2] ..." with the errno told once."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, serial.SerialException) and isinstance(cause, OSError) and cause.strerror and exc.strerror:
+        text = exc.strerror.replace(str(cause), cause.strerror)
+        if cause.errno == errno.EAGAIN:
+            text += " (another program has the port open)"
+        elif cause.errno == errno.EACCES:
+            text += " (a manual run needs the dialout group: sudo usermod -aG dialout $USER, then log in again)"
+        return text
+    return str(exc) or type(exc).__name__
 
 
 async def open_link(path: str, baud: int, framer: LineFramer, *, reset_on_open: bool = True) -> Link:

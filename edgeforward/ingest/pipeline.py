@@ -163,7 +163,7 @@ class PortPipeline:
                 self.stats.count_ignored("partial")
                 return
             self.stats.count_bad(result.reason)
-            if self._throttle.allow():
+            if self._throttle.allow(kind=result.reason):
                 self._log.warning(
                     "line_rejected",
                     reason=result.reason,

@@ -373,6 +373,12 @@ class Buffer:
         if writer is not None and not writer.done() and writer is not asyncio.current_task():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.shield(writer)
+        # The reader goes first: a read cancelled mid-statement (a task stopped at start) leaves its statement
+        # open, and the checkpoint below would wait the whole busy timeout for that read transaction to end.
+        if self._read is not None:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await self._read.close()
+            self._read = None
         if self._write is not None:
             async with self._commit_lock:
                 await self._flush_locked()

@@ -8,7 +8,8 @@ from typing import Final
 from ...points import Value
 from .common import TEXT_DECODER, ParseContext, Reading, Rejected, assemble, show
 
-_QUOTED_RE: Final = re.compile(r'"((?:[^"\\]+|\\.)*)"', re.DOTALL)
+# One character per step: "(?:[^"\\]+|\\.)*" backtracks exponentially on an unterminated quote (a hung loop).
+_QUOTED_RE: Final = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
 _BARE_RE: Final = re.compile(r"\S*")
 _UNESCAPE_RE: Final = re.compile(r'\\(["\\])')
 

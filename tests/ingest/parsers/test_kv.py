@@ -246,3 +246,12 @@ def test_kv_round_trip(reading: Reading) -> None:
 def test_format_kv_quotes_only_when_needed() -> None:
     reading = Reading("pump", ((3, 'a "b"'), (5, True), (4, (1.5, -2.0)), (3, "plain")), seq=4)
     assert format_kv(reading, dev=False) == 'v3="a \\"b\\"" v5=true v4=1.5,-2.0 v3=plain seq=4'
+
+
+def test_an_unterminated_quote_is_rejected_at_once_however_long_the_line() -> None:
+    # The quoted-value pattern once backtracked exponentially here: one such line hung the daemon's loop.
+    for text in ('v3="' + "ab " * 1300, 'v3="' + "a\\" * 2000):
+        result = parse_kv(text, CTX, NOW)
+        assert isinstance(result, Rejected) and result.reason == "syntax"
+    quoted = parse_kv('v3="door \\"A\\" open" v1=1', CTX, NOW)
+    assert isinstance(quoted, Reading) and dict(quoted.values)[3] == 'door "A" open'
