@@ -22,6 +22,8 @@ from edgeforward.backoff import Backoff
 from edgeforward.ingest.framing import LineFramer
 from edgeforward.ingest.source import RECONNECT_INITIAL_S, RECONNECT_MAX_S, PortState, PortStats, SerialSource
 
+from .test_framing import Received
+
 WAIT_TIMEOUT_S = 5.0
 POLL_S = 0.01
 CANCEL_DEADLINE_S = 1.0
@@ -39,24 +41,6 @@ async def wait_for(cond: Callable[[], bool], within: float = WAIT_TIMEOUT_S) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(POLL_S)
-
-
-class Received:
-    """A line handler that records what it is given."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[bytes, int, bool]] = []
-
-    def __call__(self, line: bytes, received_ms: int, first: bool) -> None:
-        self.items.append((line, received_ms, first))
-
-    @property
-    def lines(self) -> list[bytes]:
-        return [line for line, _, _ in self.items]
-
-    @property
-    def firsts(self) -> list[bool]:
-        return [first for _, _, first in self.items]
 
 
 def _write_all(fd: int, data: bytes) -> None:
