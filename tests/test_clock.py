@@ -497,8 +497,9 @@ async def test_daemon_holds_until_trusted(
     stamps = [p.ts_ms for p in cloud.points(TOKEN)]
     # Rebasing goes through two clocks read in whole milliseconds: a millisecond either way is rounding.
     assert all(before - 2 <= ts <= after for ts in stamps), (before, after, stamps)
-    status = daemon.status()["devices"]["pump"]
-    assert status["received"] == 3 and status["queued"] == 0
+    # The cloud has them; the deliveries commit a moment later.
+    await wait_for(lambda: daemon.status()["devices"]["pump"]["queued"] == 0, 15, interval=0.2)
+    assert daemon.status()["devices"]["pump"]["received"] == 3
     assert daemon.stop() == 0
 
 
