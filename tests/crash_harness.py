@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeforward.cloudsim import CloudSim, SimDevice
+from edgeforward.config import load_config
 from edgeforward.points import PinType
 from edgeforward.status import read_status
 
@@ -127,7 +128,6 @@ def harness_config(workdir: Path, cloud: CloudSim, port: Pty) -> Path:
 
 def check_buffer(config_path: Path, db_path: Path) -> dict[str, Any]:
     """Check the ledger from `status` and the points table; return the device's status entry."""
-    from edgeforward.config import load_config
 
     entry: dict[str, Any] = read_status(load_config(config_path))["devices"]["pump"]
     if not ledger_adds_up(entry):
@@ -209,7 +209,10 @@ async def run_crash_harness(
         await start(final)
 
         def drained() -> bool:
-            return bool(check_buffer(config, db_path)["queued"] == 0)
+            # While the daemon runs, the ledger and the points table are read in two transactions: compare them
+            # (check_buffer) only once it has stopped, below.
+            entry = read_status(load_config(config))["devices"]["pump"]
+            return bool(entry["queued"] == 0)
 
         await wait_for(drained, DRAIN_TIMEOUT_S, interval=STATUS_POLL_S)
         if final.stop() != 0:

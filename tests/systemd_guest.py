@@ -14,6 +14,7 @@ import pty
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -192,11 +193,26 @@ def main() -> int:
         stderr=subprocess.DEVNULL,
     )
     try:
+        wait_listening(CLOUD)  # the README's check-config --online asks it at once
         with dialout_pty() as (master, pty_path):
             return checks(blocks, master, pty_path)
     finally:
         cloudsim.terminate()
         cloudsim.wait(10)
+
+
+def wait_listening(listen: str, within_s: float = 60.0) -> None:
+    """Wait until HOST:PORT accepts connections (a Python program takes seconds to start on a loaded machine)."""
+    host, port = listen.rsplit(":", 1)
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def checks(blocks: list[str], master: int, pty_path: str) -> int:
