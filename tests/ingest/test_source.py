@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import random
-import re
 import select
 import threading
 import time
@@ -22,16 +21,16 @@ from edgeforward.backoff import Backoff
 from edgeforward.ingest.framing import LineFramer
 from edgeforward.ingest.source import RECONNECT_INITIAL_S, RECONNECT_MAX_S, PortState, PortStats, SerialSource
 
-from .test_framing import Received
-
-WAIT_TIMEOUT_S = 5.0
-POLL_S = 0.01
-CANCEL_DEADLINE_S = 1.0
-IDLE_WINDOW_S = 1.0
-IDLE_CPU_BOUND_S = 0.25  # generous: an idle reader should use close to nothing
-MAX_ATTEMPTS_PER_IDLE_WINDOW = 10
-NOISE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\xc0\xc1\xf5-\xff]")  # as documented
-SEPARATORS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r", "any": b"\n"}
+from .test_framing import (
+    CANCEL_DEADLINE_S,
+    IDLE_CPU_BOUND_S,
+    IDLE_WINDOW_S,
+    MAX_ATTEMPTS_PER_IDLE_WINDOW,
+    NOISE,
+    POLL_S,
+    WAIT_TIMEOUT_S,
+    Received,
+)
 
 
 async def wait_for(cond: Callable[[], bool], within: float = WAIT_TIMEOUT_S) -> None:
