@@ -204,18 +204,11 @@ def _swap_in(path: Path, built: Path, aside: Path) -> None:
         if damaged.exists() or damaged.is_symlink():
             os.replace(damaged, Path(f"{aside}{suffix}"))
     os.replace(built, path)
-    _fsync_directory(path.parent)
+    _fsync(path.parent)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -263,9 +256,9 @@ def recover_file(path: Path, reason: str) -> Recovery:
             )
             fresh.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             fresh.execute("PRAGMA journal_mode = DELETE")  # no WAL beside the file while it is renamed
-        _fsync_file(building)
+        _fsync(building)
         os.replace(building, built)
-        _fsync_directory(path.parent)
+        _fsync(path.parent)
     except BaseException:
         for suffix in ("", *COMPANIONS):
             with contextlib.suppress(FileNotFoundError):
