@@ -54,6 +54,7 @@ from .writer import (
     Pending,
     Retry,
     WriteFn,
+    wait_s,
 )
 
 log = structlog.get_logger(__name__)
@@ -188,7 +189,7 @@ class Buffer:
         self._device_ids: dict[str, int] = {}
         self._queued_total = 0
         self._pending = Pending()
-        self._urgent = False
+        self._due_s: float | None = None  # when the pending writes must be committed (None: nothing pending)
         self._retry = Retry()
         self._commit_lock = asyncio.Lock()
         self._writer_task: asyncio.Task[None] | None = None
@@ -402,7 +403,7 @@ class Buffer:
         # The buffer logs commit failures itself; callers that do not look at the outcome stay quiet.
         future.add_done_callback(_consume_exception)
         self._pending.submits.append((boot_id, points, future))
-        self._wake.set()
+        self._due_by(self._clock() + self._commit_interval_s)
         return future
 
     def hold(self, points: Sequence[Point], boot_id: str) -> asyncio.Future[None]:
@@ -421,22 +422,37 @@ class Buffer:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         chosen = kind or (OpKind.BUDGET if urgent else OpKind.CHANGE)
         self._pending.ops.append(Op(op, future, chosen, key))
-        if chosen is OpKind.BUDGET:
-            self._urgent = True
-        self._wake.set()
+        self._due_by(self._clock() + wait_s(chosen, self._commit_interval_s))
+        if chosen is OpKind.FACT:
+            future.set_result(None)  # nobody waits for a fact: it rides a later commit
         return await future
 
+    def _due_by(self, due_s: float) -> None:
+        """A write arrived that must be committed by `due_s`: wake the writer if that is sooner than planned."""
+        if self._due_s is None or due_s < self._due_s:
+            self._due_s = due_s
+            self._wake.set()
+
     async def run_writer(self) -> None:
-        """The one writer: commit whatever arrived in the last few ms, in one transaction, until stopped."""
+        """The one writer: commit what is pending once the first write is due, in one transaction, until stopped.
+
+        Each write waits no longer than its kind allows (see `writer.wait_s`): readings the ingest window, point
+        lifecycle at most LIFECYCLE_WAIT_MAX_S, budgets not at all; a commit carries every write pending.
+        """
         self._writer_task = asyncio.current_task()
         while not self._closing:
+            now = self._clock()
             timeout = EXTERNAL_CHECK_S
             if self._retry:
-                timeout = min(timeout, max(0.0, self._retry.due_s - self._clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            if self._wake.is_set() and self._commit_interval_s > 0 and not self._closing and not self._urgent:
-                await asyncio.sleep(self._commit_interval_s)
+                timeout = min(timeout, self._retry.due_s - now)
+            if self._due_s is not None:
+                timeout = min(timeout, self._due_s - now)
+            if timeout > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                if self._wake.is_set() and not self._closing:
+                    continue  # a write with an earlier deadline came: plan again
             await asyncio.shield(self._flush())
             await self._notice_other_writers()
         await self._flush()
@@ -455,21 +471,23 @@ class Buffer:
         if self._write is None:
             return
         retry_due = bool(self._retry) and (self._closing or self._clock() >= self._retry.due_s)
+        # What arrives during a commit is committed right after it: a flood is never held back by deadlines.
         while self._pending or self._ingest_failed_dirty or retry_due:
+            self._due_s = None
             pending, self._pending = self._pending, Pending()
             rest = pending.split(GROUP_COMMIT_MAX_ITEMS)
             if rest:
                 # A bounded transaction: on a full disk only what did not fit is refused, not a whole backlog.
-                rest.submits.extend(self._pending.submits)
-                rest.ops = self._pending.ops
                 self._pending = rest
-            self._urgent = False
+                self._due_s = self._clock()
             if retry_due:
                 facts = {op.key for op in pending.ops if op.kind is OpKind.FACT and op.key is not None}
                 pending.ops[:0] = self._retry.take(facts)
             retry_due = False
             if not await self._commit(pending):
                 break
+        if self._pending and self._due_s is None:
+            self._due_s = self._clock()
         await self._maintain()
 
     async def _commit(self, pending: Pending) -> bool:
