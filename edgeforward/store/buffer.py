@@ -35,7 +35,7 @@ from .errors import (
     is_full,
     wrap,
 )
-from .recovery import Recovery, check_file, prepare_file, recover_file
+from .recovery import CheckInterrupted, Recovery, check_file, prepare_file, recover_file
 from .schema import (
     BUSY_TIMEOUT_MS,
     LEDGER_FIELDS,
@@ -65,6 +65,8 @@ VACUUM_MIN_FREED_ROWS: Final = 2_000
 VACUUM_MIN_FREE_PAGES: Final = 256
 VACUUM_STEP_PAGES: Final = 2048
 LOCK_SUFFIX: Final = ".lock"
+VERIFY_STOP_TIMEOUT_S: Final = 2.0
+VERIFY_INTERRUPT_POLL_S: Final = 0.02
 
 DeliveryPath = Literal["live", "history"]
 WriteOp = WriteFn
@@ -210,6 +212,8 @@ class Buffer:
         self._disk_limited = False
         self._simulated_disk_pages: int | None = None
         self.needs_verify = False
+        self._verify_check: asyncio.Future[str | None] | None = None
+        self._verify_conn: sqlite3.Connection | None = None
         self.commits = 0
         self.recovery: Recovery | None = None
 
@@ -331,8 +335,17 @@ class Buffer:
         found (None: healthy).
         """
         self.needs_verify = False
-        problem = await asyncio.to_thread(check_file, self.path, full=True)
-        if problem is None:
+
+        def connected(conn: sqlite3.Connection) -> None:
+            self._verify_conn = conn
+
+        check = asyncio.ensure_future(asyncio.to_thread(check_file, self.path, full=True, on_connect=connected))
+        self._verify_check = check
+        try:
+            problem = await asyncio.shield(check)  # cancelled or not, close() stops the thread and waits for it
+        except CheckInterrupted:
+            return None
+        if problem is None or self._closing:
             return None
         async with self._commit_lock:
             await self._disconnect()
@@ -355,9 +368,10 @@ class Buffer:
         return dict(self._ingest_failed)
 
     async def close(self) -> None:
-        """Wait for the writer to return, commit what is pending, checkpoint and close."""
+        """Stop a running verify, wait for the writer to return, commit what is pending, checkpoint and close."""
         self._closing = True
         self._wake.set()
+        await self._stop_verify()
         writer = self._writer_task
         if writer is not None and not writer.done() and writer is not asyncio.current_task():
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -377,6 +391,23 @@ class Buffer:
         await self._disconnect()
         self._release_lock()
         self._fail_pending(StoreClosedError("buffer closed"))
+
+    async def _stop_verify(self) -> None:
+        """Interrupt a background quick_check and wait for its connection to close: the daemon's connections must
+        be the last to close, so that the WAL is checkpointed and removed (else the next start takes the clean
+        stop for an unclean one and reads every page before READY)."""
+        check = self._verify_check
+        if check is None or check.done():
+            return
+        deadline = time.monotonic() + VERIFY_STOP_TIMEOUT_S
+        while not check.done() and time.monotonic() < deadline:
+            conn = self._verify_conn
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.interrupt()  # safe from another thread; a no-op between statements, so again until done
+            await asyncio.wait([check], timeout=VERIFY_INTERRUPT_POLL_S)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            check.exception()
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call `listener` after every commit that added points."""
