@@ -135,10 +135,6 @@ class Daemon:
                 group.create_task(pipeline.source.run(), name=f"port:{pipeline.port.path}")
                 for pipeline in self.pipelines
             ]
-            forwarders = [
-                group.create_task(_supervised(forwarder.run, name), name=f"forward:{name}")
-                for name, forwarder in self.forwarders.items()
-            ]
             snapshots = group.create_task(self._snapshot_loop(), name="status-snapshot")
             await self.buffer.set_meta({"pid": str(os.getpid()), "started": str(now_ms()), "running": "1"})
             log.info(
@@ -151,6 +147,12 @@ class Daemon:
             )
             self.ready.set()
             self.notifier.ready(await status_line(self.buffer, self.forwarders))
+            # Forwarding starts after READY: its first reads of a large backlog (counting a day's share per pin)
+            # would otherwise queue ahead of the status read on the reader connection and hold READY back.
+            forwarders = [
+                group.create_task(_supervised(forwarder.run, name), name=f"forward:{name}")
+                for name, forwarder in self.forwarders.items()
+            ]
             housekeeping = [snapshots]
             if self.buffer.needs_verify:
                 # A clean stop: the pages are read after READY, not before (a large buffer starts fast).

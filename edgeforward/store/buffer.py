@@ -35,7 +35,7 @@ from .errors import (
     is_full,
     wrap,
 )
-from .recovery import Recovery, check_file, prepare_file, recover_file
+from .recovery import CheckInterrupted, Recovery, check_file, prepare_file, recover_file
 from .schema import (
     BUSY_TIMEOUT_MS,
     LEDGER_FIELDS,
@@ -55,6 +55,7 @@ from .writer import (
     ResendKey,
     Retry,
     WriteFn,
+    wait_s,
 )
 
 log = structlog.get_logger(__name__)
@@ -65,6 +66,8 @@ VACUUM_MIN_FREED_ROWS: Final = 2_000
 VACUUM_MIN_FREE_PAGES: Final = 256
 VACUUM_STEP_PAGES: Final = 2048
 LOCK_SUFFIX: Final = ".lock"
+VERIFY_STOP_TIMEOUT_S: Final = 2.0
+VERIFY_INTERRUPT_POLL_S: Final = 0.02
 
 DeliveryPath = Literal["live", "history"]
 WriteOp = WriteFn
@@ -200,7 +203,7 @@ class Buffer:
         self._device_ids: dict[str, int] = {}
         self._queued_total = 0
         self._pending = Pending()
-        self._urgent = False
+        self._due_s: float | None = None  # when the pending writes must be committed (None: nothing pending)
         self._retry = Retry()
         self._commit_lock = asyncio.Lock()
         self._writer_task: asyncio.Task[None] | None = None
@@ -221,6 +224,8 @@ class Buffer:
         self._disk_limited = False
         self._simulated_disk_pages: int | None = None
         self.needs_verify = False
+        self._verify_check: asyncio.Future[str | None] | None = None
+        self._verify_conn: sqlite3.Connection | None = None
         self.commits = 0
         self.recovery: Recovery | None = None
 
@@ -342,8 +347,17 @@ class Buffer:
         found (None: healthy).
         """
         self.needs_verify = False
-        problem = await asyncio.to_thread(check_file, self.path, full=True)
-        if problem is None:
+
+        def connected(conn: sqlite3.Connection) -> None:
+            self._verify_conn = conn
+
+        check = asyncio.ensure_future(asyncio.to_thread(check_file, self.path, full=True, on_connect=connected))
+        self._verify_check = check
+        try:
+            problem = await asyncio.shield(check)  # cancelled or not, close() stops the thread and waits for it
+        except CheckInterrupted:
+            return None
+        if problem is None or self._closing:
             return None
         async with self._commit_lock:
             await self._disconnect()
@@ -366,9 +380,10 @@ class Buffer:
         return dict(self._ingest_failed)
 
     async def close(self) -> None:
-        """Wait for the writer to return, commit what is pending, checkpoint and close."""
+        """Stop a running verify, wait for the writer to return, commit what is pending, checkpoint and close."""
         self._closing = True
         self._wake.set()
+        await self._stop_verify()
         writer = self._writer_task
         if writer is not None and not writer.done() and writer is not asyncio.current_task():
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -394,6 +409,23 @@ class Buffer:
         await self._disconnect()
         self._release_lock()
         self._fail_pending(StoreClosedError("buffer closed"))
+
+    async def _stop_verify(self) -> None:
+        """Interrupt a background quick_check and wait for its connection to close: the daemon's connections must
+        be the last to close, so that the WAL is checkpointed and removed (else the next start takes the clean
+        stop for an unclean one and reads every page before READY)."""
+        check = self._verify_check
+        if check is None or check.done():
+            return
+        deadline = time.monotonic() + VERIFY_STOP_TIMEOUT_S
+        while not check.done() and time.monotonic() < deadline:
+            conn = self._verify_conn
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.interrupt()  # safe from another thread; a no-op between statements, so again until done
+            await asyncio.wait([check], timeout=VERIFY_INTERRUPT_POLL_S)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            check.exception()
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call `listener` after every commit that added points."""
@@ -423,7 +455,7 @@ class Buffer:
         # The buffer logs commit failures itself; callers that do not look at the outcome stay quiet.
         future.add_done_callback(_consume_exception)
         self._pending.submits.append((boot_id, points, future, resend))
-        self._wake.set()
+        self._due_by(self._clock() + self._commit_interval_s)
         return future
 
     def hold(self, points: Sequence[Point], boot_id: str, *, resend: ResendKey | None = None) -> asyncio.Future[None]:
@@ -442,22 +474,37 @@ class Buffer:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         chosen = kind or (OpKind.BUDGET if urgent else OpKind.CHANGE)
         self._pending.ops.append(Op(op, future, chosen, key))
-        if chosen is OpKind.BUDGET:
-            self._urgent = True
-        self._wake.set()
+        self._due_by(self._clock() + wait_s(chosen, self._commit_interval_s))
+        if chosen is OpKind.FACT:
+            future.set_result(None)  # nobody waits for a fact: it rides a later commit
         return await future
 
+    def _due_by(self, due_s: float) -> None:
+        """A write arrived that must be committed by `due_s`: wake the writer if that is sooner than planned."""
+        if self._due_s is None or due_s < self._due_s:
+            self._due_s = due_s
+            self._wake.set()
+
     async def run_writer(self) -> None:
-        """The one writer: commit whatever arrived in the last few ms, in one transaction, until stopped."""
+        """The one writer: commit what is pending once the first write is due, in one transaction, until stopped.
+
+        Each write waits no longer than its kind allows (see `writer.wait_s`): readings the ingest window, point
+        lifecycle at most LIFECYCLE_WAIT_MAX_S, budgets not at all; a commit carries every write pending.
+        """
         self._writer_task = asyncio.current_task()
         while not self._closing:
+            now = self._clock()
             timeout = EXTERNAL_CHECK_S
             if self._retry:
-                timeout = min(timeout, max(0.0, self._retry.due_s - self._clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            if self._wake.is_set() and self._commit_interval_s > 0 and not self._closing and not self._urgent:
-                await asyncio.sleep(self._commit_interval_s)
+                timeout = min(timeout, self._retry.due_s - now)
+            if self._due_s is not None:
+                timeout = min(timeout, self._due_s - now)
+            if timeout > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                if self._wake.is_set() and not self._closing:
+                    continue  # a write with an earlier deadline came: plan again
             await asyncio.shield(self._flush())
             await self._notice_other_writers()
         await self._flush()
@@ -476,21 +523,23 @@ class Buffer:
         if self._write is None:
             return
         retry_due = bool(self._retry) and (self._closing or self._clock() >= self._retry.due_s)
+        # What arrives during a commit is committed right after it: a flood is never held back by deadlines.
         while self._pending or self._ingest_failed_dirty or retry_due:
+            self._due_s = None
             pending, self._pending = self._pending, Pending()
             rest = pending.split(GROUP_COMMIT_MAX_ITEMS)
             if rest:
                 # A bounded transaction: on a full disk only what did not fit is refused, not a whole backlog.
-                rest.submits.extend(self._pending.submits)
-                rest.ops = self._pending.ops
                 self._pending = rest
-            self._urgent = False
+                self._due_s = self._clock()
             if retry_due:
                 facts = {op.key for op in pending.ops if op.kind is OpKind.FACT and op.key is not None}
                 pending.ops[:0] = self._retry.take(facts)
             retry_due = False
             if not await self._commit(pending):
                 break
+        if self._pending and self._due_s is None:
+            self._due_s = self._clock()
         await self._maintain()
 
     async def _commit(self, pending: Pending) -> bool:

@@ -8,7 +8,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -105,11 +105,18 @@ def prepare_file(path: Path, *, full_check: bool = True) -> Recovery | None:
     return recovery
 
 
-def check_file(path: Path, *, full: bool = True) -> str | None:
+class CheckInterrupted(Exception):
+    """The check was stopped from outside (the daemon is stopping): it found nothing either way."""
+
+
+def check_file(
+    path: Path, *, full: bool = True, on_connect: Callable[[sqlite3.Connection], None] | None = None
+) -> str | None:
     """Return why `path` cannot be used as it is, or None when it is healthy (or absent).
 
     Without `full`, the pages are not all read (no quick_check): the header, the size, the schema and the
     small tables only, which a clean stop leaves consistent; `Buffer.verify` reads the rest later.
+    `on_connect` receives the check's connection (another thread may `interrupt()` it: CheckInterrupted).
     """
     if not path.exists() and not path.is_symlink():
         return None
@@ -123,6 +130,8 @@ def check_file(path: Path, *, full: bool = True) -> str | None:
         # Read-only: a damaged file (and a WAL that may not be its own) stays exactly as it was found.
         uri = f"file:{path}?mode=ro"
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)) as db:
+            if on_connect is not None:
+                on_connect(db)
             version = user_version(db)
             if version > SCHEMA_VERSION:
                 return f"schema version {version} is newer than this edgeforward's ({SCHEMA_VERSION})"
@@ -140,9 +149,13 @@ def check_file(path: Path, *, full: bool = True) -> str | None:
             for table in ("devices", "ledger", "meta"):
                 db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
             if not full:
-                # The two ends of the points index and table: a cheap look at the pages read first.
-                db.execute("SELECT MIN(id), MAX(id) FROM points").fetchone()
+                # The two ends of the points table: a cheap look at the pages read first. Two subqueries, since
+                # SQLite walks to an end of the b-tree only for a lone MIN() or MAX(): both at once scan every row
+                # (450 MB read before READY at 10 M points).
+                db.execute("SELECT (SELECT MIN(id) FROM points), (SELECT MAX(id) FROM points)").fetchone()
     except sqlite3.Error as exc:
+        if on_connect is not None and "interrupt" in str(exc):
+            raise CheckInterrupted(str(exc)) from exc
         if _disk_full(path):
             # Not damage: the file cannot be opened for want of room (its WAL index). Never "recover" it.
             raise StoreFullError(f"{path}: no room on the disk to open it ({exc})") from exc

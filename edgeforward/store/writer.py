@@ -21,6 +21,14 @@ RETRY_MAX_S: Final = 5.0
 # How often an idle writer looks whether another process (import, deadletter retry) changed the file.
 EXTERNAL_CHECK_S: Final = 1.0
 COMMIT_ERRORS_LOGGED_PER_MINUTE: Final = 5
+# How long each kind of write may wait for a commit that would happen anyway (every commit carries everything
+# pending, so a write that waits rides along instead of paying an fdatasync of its own; an SD card wears by the
+# commit, not by the byte). Readings wait the ingest window (`commit_interval_ms`), budgets not at all.
+# Point lifecycle: the forwarder waits for it, so it never waits out a long ingest window (history would stall).
+LIFECYCLE_WAIT_MAX_S: Final = 0.05
+# Facts (device state, port snapshot, status fields): only the latest value matters and nobody waits for them;
+# at 1 line/s they ride the next reading's commit.
+FACT_WAIT_S: Final = 2.0
 
 WriteFn = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
@@ -37,8 +45,20 @@ class OpKind(enum.Enum):
     # never trails the next request); a failure is raised and the request is not sent.
     BUDGET = "budget"
     # A fact that only its latest value matters for (device state, port snapshot, meta, server): the caller
-    # never waits for a failed one; it is kept, by key, and written with a later commit.
+    # never waits for it (it returns once queued); it rides a later commit within FACT_WAIT_S, and one that
+    # failed is kept, by key, and written with a later commit.
     FACT = "fact"
+
+
+def wait_s(kind: OpKind, commit_interval_s: float) -> float:
+    """How long a write of this kind may wait for the next commit."""
+    if kind is OpKind.BUDGET:
+        return 0.0
+    if kind is OpKind.LIFECYCLE:
+        return min(commit_interval_s, LIFECYCLE_WAIT_MAX_S)
+    if kind is OpKind.FACT:
+        return max(commit_interval_s, FACT_WAIT_S)
+    return commit_interval_s
 
 
 @dataclass(eq=False)

@@ -1,11 +1,28 @@
-"""Wear: bytes written to disk per point (group commit vs each point alone vs every 0.1 s), bytes on the wire."""
+"""Wear: bytes the real daemon writes per line (cloud up: inserted, then deleted), beside the append floors.
+
+Every figure is the `write_bytes` of `/proc/PID/io` of `edgeforward run` (what reached the block layer, WAL,
+checkpoints and the final checkpoint at the clean stop included), from the first line fed until the exit,
+after the cloud has taken every point. The floors run in their own processes at the same pace in the same
+run: an append-only file with one fdatasync per line (the least per-line durability costs), and one with one
+fdatasync per second. The same loads run on a copy of the code at BEFORE_COMMIT, so before and after share
+the machine and the run. Lines are 4 pins each; the loads are short (60 s at 1 line/s) to keep the run in
+minutes. Also bytes on the wire per point for both cloud paths.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
+import io
+import json
+import socket
+import subprocess
+import sys
+import tarfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -17,14 +34,31 @@ from edgeforward.store import Buffer, Committed
 from tests.conftest import wait_for
 
 from .bench_drain import _batches
-from .common import DEVICE, PIN_TYPES, PINS, POLL_S, TOKEN, CloudSimProcess, Result, backlog_copy, io_counters
+from .common import (
+    DEVICE,
+    PIN_TYPES,
+    PINS,
+    POINTS_PER_LINE,
+    POLL_S,
+    TOKEN,
+    CloudSimProcess,
+    Daemon,
+    Result,
+    backlog_copy,
+    kv_lines,
+    ledger,
+    ptys,
+    write_config,
+)
 
 NAME = "wear"
-ALONE_POINTS = 1_200
-RATES = ((100, 3.0), (1_000, 2.0))  # (lines/s, seconds); 4 points a line
-TICK_S = 0.01
-GROUP_COMMIT_MS = 5.0  # the default commit_interval_ms
-INTERVAL_COMMIT_MS = 100.0
+BEFORE_COMMIT = "908851b"  # main before the wear work: the "before" of every figure
+SETTLE_S = 2.0  # after daemon_started, before the count starts (start-up writes are not the load's)
+DRAIN_TIMEOUT_S = 150.0  # after the last line: the cloud takes the rest with the next history round (60 s)
+DRAIN_POLL_S = 1.0
+READY_TIMEOUT_S = 60.0
+TARGET_RATIO = 2.0
+DAY_S = 86_400
 LIVE_LINES = 10
 LIVE_LINE_INTERVAL_S = 0.3
 LIVE_INTERVAL_S = 0.2
@@ -33,40 +67,182 @@ WIRE_TIMEOUT_S = 120.0
 PROXY_READ_BYTES = 65536
 
 
+@dataclass(frozen=True)
+class Load:
+    """Lines of 4 pins at `rate` lines/s for `seconds`, with `[buffer] commit_interval_ms` (None: the default)."""
+
+    rate: float
+    seconds: float
+    commit_interval_ms: float | None = None
+    sync_every_s: float = 0.0  # the floor it is held against: fdatasync per line (0) or per interval
+    target: bool = False  # the issue's target: within TARGET_RATIO of its floor
+    before: bool = False  # also run on BEFORE_COMMIT
+
+    @property
+    def label(self) -> str:
+        window = "default window" if self.commit_interval_ms is None else f"window {self.commit_interval_ms:g} ms"
+        return f"{self.rate:g} lines/s, {window}"
+
+    @property
+    def floor_key(self) -> tuple[float, float]:
+        return self.rate, self.sync_every_s
+
+
+LOADS = (
+    Load(1, 60, target=True, before=True),
+    Load(10, 30, 1000, sync_every_s=1.0, target=True, before=True),
+    Load(10, 30),
+    Load(100, 10),
+)
+
+
 def _value(line: int, pin: int) -> float:
     return line % 100 + pin / 10
 
 
-async def _disk_bytes(path: Path, commit_interval_ms: float, rate: float, seconds: float) -> tuple[int, int, int]:
-    """(bytes written, points, commits): lines of 4 points at `rate` lines/s; rate 0 = each point alone."""
-    buffer = Buffer(path, synchronous="FULL", commit_interval_ms=commit_interval_ms)
-    await buffer.open()
-    writer = asyncio.create_task(buffer.run_writer())
-    before = io_counters()["write_bytes"]
-    points = 0
-    if rate == 0:
-        for n in range(ALONE_POINTS):
-            await buffer.submit([Point(DEVICE, PINS[n % len(PINS)], time.time_ns() // 1_000_000, float(n))])
-        points = ALONE_POINTS
-    else:
-        per_tick = max(1, round(rate * TICK_S))
-        started = time.monotonic()
-        last: asyncio.Future[None] | None = None
-        line = 0
-        for tick in range(round(seconds / TICK_S)):
-            await asyncio.sleep(max(0.0, started + tick * TICK_S - time.monotonic()))
-            now = time.time_ns() // 1_000_000
-            for _ in range(per_tick):
-                last = buffer.submit([Point(DEVICE, pin, now, _value(line, pin)) for pin in PINS])
-                line += 1
-        assert last is not None
-        await last
-        points = line * len(PINS)
-    commits = buffer.commits
-    buffer.stop_writer()
-    await writer
-    await buffer.close()  # its checkpoint writes the WAL into the database: part of the cost
-    return io_counters()["write_bytes"] - before, points, commits
+def _before_tree(work: Path) -> Path | None:
+    """The package at BEFORE_COMMIT, extracted from this checkout's git history (None: no git here)."""
+    dest = work / f"before-{BEFORE_COMMIT}"
+    if (dest / "edgeforward").is_dir():
+        return dest
+    root = Path(__file__).resolve().parents[2]
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", BEFORE_COMMIT, "edgeforward"], capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def _floor(directory: Path, rate: float, seconds: float, sync_every_s: float) -> subprocess.Popen[bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "tests.bench.floor", str(directory / "append.log"), str(rate), str(seconds)]
+    return subprocess.Popen([*argv, str(sync_every_s)], stdout=subprocess.PIPE)
+
+
+def _daemon_load(directory: Path, load: Load, tree: Path | None) -> dict[str, float]:
+    """Run `edgeforward run` (from `tree`, else this checkout) under `load` with cloudsim up; count its writes."""
+    lines = kv_lines(round(load.rate * load.seconds))
+    buffer = {} if load.commit_interval_ms is None else {"commit_interval_ms": load.commit_interval_ms}
+    with ptys(1) as (port,), CloudSimProcess(directory) as sim:
+        config = write_config(
+            directory,
+            server=sim.url,
+            ports=[{"path": port.path, "device": DEVICE}],
+            limits={"points_per_day": 0, "messages_per_month": 0},  # the cloud takes every point
+            buffer=buffer,
+            log_level="warning",
+        )
+        notify_path = directory / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        # READY=1 says the daemon runs; its log stays at warnings (its own writes to the log file count too).
+        daemon = Daemon(config, env={"NOTIFY_SOCKET": str(notify_path)}, cwd=tree)
+        daemon.start()
+        try:
+            _wait_ready(notify, daemon)
+            time.sleep(SETTLE_S)
+            before = _write_bytes(daemon.pid)
+            started = time.monotonic()
+            for number, line in enumerate(lines):
+                time.sleep(max(0.0, started + number / load.rate - time.monotonic()))
+                port.write_bytes(line + b"\n")
+            fed_s = time.monotonic() - started
+            db = directory / "buffer.db"
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+
+            def settled() -> dict[str, int] | None:
+                counts = ledger(db)
+                received = counts["received"] == len(lines) * POINTS_PER_LINE
+                return counts if received and counts["queued"] == 0 else None
+
+            while (counts := settled()) is None and time.monotonic() < deadline:
+                time.sleep(DRAIN_POLL_S)
+            counts = ledger(db)
+            code, written = daemon.stop_counting_writes()
+        finally:
+            notify.close()
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.process.kill()
+                daemon.process.wait()
+    if code != 0:
+        raise RuntimeError(f"daemon exited {code}: {daemon.log()[-2000:]}")
+    return {
+        "bytes": written - before,
+        "lines": len(lines),
+        "fed_s": round(fed_s, 1),
+        "received": counts["received"],
+        "delivered": counts["delivered_live"] + counts["delivered_history"],
+        "queued": counts["queued"],
+    }
+
+
+def _wait_ready(notify: socket.socket, daemon: Daemon) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while (left := deadline - time.monotonic()) > 0:
+        notify.settimeout(min(left, 1.0))
+        try:
+            if b"READY=1" in notify.recv(4096).split(b"\n"):
+                return
+        except TimeoutError:
+            if daemon.process is not None and daemon.process.poll() is not None:
+                break
+    raise RuntimeError(f"the daemon sent no READY=1: {daemon.log()[-2000:]}")
+
+
+def _write_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no write_bytes for pid {pid}")
+
+
+def _daemon_results(work: Path) -> list[Result]:
+    """Every load on this checkout (and the target loads on BEFORE_COMMIT), all at once, beside the floors."""
+    directory = work / "wear"
+    tree = _before_tree(work)
+    floors = {
+        load.floor_key: _floor(
+            directory / f"floor-{load.rate:g}-{load.sync_every_s:g}", load.rate, load.seconds, load.sync_every_s
+        )
+        for load in LOADS
+    }
+    runs: dict[tuple[str, Load], concurrent.futures.Future[dict[str, float]]] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(LOADS) * 2) as pool:
+        for load in LOADS:
+            name = f"{load.rate:g}-{load.commit_interval_ms or 'default'}"
+            runs["after", load] = pool.submit(_daemon_load, directory / f"after-{name}", load, None)
+            if load.before and tree is not None:
+                runs["before", load] = pool.submit(_daemon_load, directory / f"before-{name}", load, tree)
+        measured = {key: future.result() for key, future in runs.items()}
+    floor_bytes: dict[tuple[float, float], float] = {}
+    for key, process in floors.items():
+        out, _ = process.communicate(timeout=DRAIN_TIMEOUT_S)
+        figures = json.loads(out)
+        floor_bytes[key] = figures["bytes"] / figures["lines"]
+    results: list[Result] = []
+    for (which, load), figures in measured.items():
+        per_line = figures["bytes"] / figures["lines"]
+        floor = floor_bytes[load.floor_key]
+        floor_name = "append, fdatasync per line" if load.sync_every_s == 0 else "append, fdatasync per second"
+        target = f"<= {TARGET_RATIO:g}x floor" if load.target else "report (lower is better)"
+        met = per_line <= TARGET_RATIO * floor if load.target and which == "after" else None
+        prefix = "daemon" if which == "after" else f"daemon before ({BEFORE_COMMIT})"
+        notes = {
+            **figures,
+            "bytes_per_point": round(per_line / POINTS_PER_LINE),
+            "mb_per_day": round(per_line * load.rate * DAY_S / 1e6, 1),
+            "floor_mb_per_day": round(floor * load.rate * DAY_S / 1e6, 1),
+        }
+        results.append(
+            Result(NAME, f"{prefix}, {load.label}", per_line, "bytes/line", floor, floor_name, target, met, notes)
+        )
+    return results
 
 
 class _CountingProxy:
@@ -154,30 +330,9 @@ async def _wire(path: Path, sim_port: int, *, live: bool) -> tuple[int, int, int
 
 
 def run(work: Path) -> list[Result]:
-    """Disk bytes per point for three commit policies, and wire bytes per point for both cloud paths."""
+    """Disk bytes per line of the real daemon (before and after) beside the floors; wire bytes per point."""
+    results = _daemon_results(work)
     directory = work / "wear"
-    directory.mkdir(parents=True, exist_ok=True)
-    results: list[Result] = []
-    alone_bytes, alone_points, alone_commits = asyncio.run(_disk_bytes(directory / "alone.db", 0, 0, 0))
-    alone = alone_bytes / alone_points
-    for rate, seconds in RATES:
-        for label, interval in (("group commit (5 ms)", GROUP_COMMIT_MS), ("commit every 0.1 s", INTERVAL_COMMIT_MS)):
-            written, points, commits = asyncio.run(
-                _disk_bytes(directory / f"{rate}-{interval}.db", interval, rate, seconds)
-            )
-            results.append(
-                Result(
-                    NAME,
-                    f"disk, {label}, {rate} lines/s",
-                    written / points,
-                    "bytes/point",
-                    alone,
-                    "each point committed alone",
-                    "report (lower is better)",
-                    None,
-                    {"points": points, "commits": commits, "bytes": written, "alone_commits": alone_commits},
-                )
-            )
     with CloudSimProcess(directory) as sim:
         up, down, delivered, requests = asyncio.run(_wire(directory / "live.db", sim.port, live=True))
         payload = sum(len("&".join(f"v{pin}={_value(line, pin)}" for pin in PINS)) for line in range(LIVE_LINES)) / (

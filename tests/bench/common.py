@@ -324,10 +324,11 @@ class CloudSimProcess:
 class Daemon:
     """`edgeforward run` in a subprocess, its JSON log in a file."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None, *, cwd: Path | None = None) -> None:
         self.config = config
         self.log_path = config.parent / "daemon.log"
         self._env = env
+        self._cwd = cwd  # `python -m` imports edgeforward from here first (another tree of the code)
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -346,6 +347,7 @@ class Daemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(self._env or {})},
+                cwd=self._cwd,
             )
 
     def log(self) -> str:
@@ -372,6 +374,19 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait(PROCESS_STOP_TIMEOUT_S)
+
+    def stop_counting_writes(self) -> tuple[int, int]:
+        """SIGTERM, wait for the exit; return (exit code, write_bytes of its whole life, final checkpoint included)."""
+        assert self.process is not None
+        self.process.terminate()
+        # Not reaped yet (WNOWAIT): /proc/PID/io of the exited process still holds its counters.
+        deadline = time.monotonic() + PROCESS_STOP_TIMEOUT_S
+        while os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+            if time.monotonic() > deadline:
+                self.process.kill()
+            time.sleep(POLL_S)
+        written = io_counters(self.process.pid)["write_bytes"]
+        return self.process.wait(PROCESS_STOP_TIMEOUT_S), written
 
     def __enter__(self) -> Daemon:
         self.start()

@@ -1,0 +1,73 @@
+"""Start-up after a clean stop reads little before READY, and a stop during the background check stays clean."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+from edgeforward.store import Buffer
+from edgeforward.store.buffer import _stopped_uncleanly
+from edgeforward.store.recovery import check_file
+
+from .conftest import open_buffer
+
+POINTS = 400_000
+BASE_TS = 1_764_000_000_000
+
+
+async def backlog(path: Path) -> None:
+    """A cleanly closed buffer with POINTS queued points (bulk insert, ledger included)."""
+    async with open_buffer(path):
+        pass
+    with sqlite3.connect(path, isolation_level=None) as db:
+        db.execute("BEGIN")
+        db.execute("INSERT INTO devices (id, name) VALUES (1, 'pump')")
+        db.execute(
+            "WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x + 1 < ?) "
+            "INSERT INTO points (device_id, pin, ts, value) SELECT 1, 1 + x % 4, ? + x, x FROM c",
+            (POINTS, BASE_TS),
+        )
+        db.execute("INSERT INTO ledger (device_id, received, queued) VALUES (1, ?, ?)", (POINTS, POINTS))
+        db.execute("COMMIT")
+    db.close()
+
+
+def read_chars() -> int:
+    """Bytes this process asked the kernel for (rchar: page cache or not, so the same on every run)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+async def test_the_check_before_ready_reads_a_few_pages_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    await backlog(path)
+    assert not _stopped_uncleanly(path)
+    before = read_chars()
+    assert check_file(path, full=False) is None
+    read = read_chars() - before
+    assert read < path.stat().st_size // 20, (read, path.stat().st_size)
+
+
+async def test_a_stop_during_the_background_check_is_a_clean_stop(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    await backlog(path)
+    buffer = Buffer(path, exclusive=True, check="auto")
+    await buffer.open()
+    assert buffer.needs_verify  # a clean stop: the pages are read after READY
+    writer = asyncio.create_task(buffer.run_writer())
+    verify = asyncio.create_task(buffer.verify())
+    await asyncio.sleep(0.05)  # the check has started reading (or, on a fast machine, is done)
+    started = time.monotonic()
+    verify.cancel()  # what the daemon does to its housekeeping on SIGTERM
+    buffer.stop_writer()
+    await writer
+    await buffer.close()
+    assert time.monotonic() - started < 5
+    assert not _stopped_uncleanly(path)  # the next start skips the full check before READY
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM points").fetchone()[0] == POINTS  # not taken for damage
+    db.close()
