@@ -21,7 +21,7 @@ def rows(path: Path, query: str) -> list[tuple[object, ...]]:
         return list(db.execute(query).fetchall())
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 5])
 async def test_frozen_file_of_each_earlier_version_is_migrated_keeping_everything(tmp_path: Path, version: int) -> None:
     path = tmp_path / "buffer.db"
     shutil.copyfile(FIXTURES / f"buffer-v{version}.db", path)
@@ -36,7 +36,13 @@ async def test_frozen_file_of_each_earlier_version_is_migrated_keeping_everythin
     assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert rows(path, "PRAGMA auto_vacuum") == [(2,)]
     assert rows(path, "SELECT COUNT(*) FROM deadletter") == [(1,)]
-    assert rows(path, "SELECT COUNT(*) FROM import_seen") == [(50 if version == 3 else 0,)]
+    assert rows(path, "SELECT COUNT(*) FROM import_seen") == [(50 if version >= 3 else 0,)]
+    # Every point of an older file is filed (in the pin index); the mark is past the newest one.
+    assert rows(path, "SELECT COUNT(*) FROM points WHERE filed = 1") == [(50,)]
+    newest = int(str(rows(path, "SELECT MAX(id) FROM points")[0][0]))
+    assert rows(path, "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'filed_below'") == [(newest + 1,)]
+    if version == 5:
+        assert rows(path, "SELECT port, seq, ms FROM resend_window") == [("/dev/ttyUSB0", 7, 1234)]
 
 
 def test_a_step_that_fails_leaves_the_file_at_its_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

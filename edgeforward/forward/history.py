@@ -69,7 +69,6 @@ class HistoryPath:
         self.batch_cap = ctx.guard.limits.batch_max_points
         self._parked: dict[int, tuple[float, str]] = {}  # pin -> (recheck at, monotonic; reason)
         self._unknown: dict[tuple[int, int, int], tuple[int, float]] = {}  # (pin, first id, size) -> (fails, since)
-        self._deliveries: list[asyncio.Future[int]] = []
         self.horizon = 0  # the newest row id history may send (newer ones await a live decision)
 
     # parked pins --------------------------------------------------------------------------------
@@ -114,16 +113,7 @@ class HistoryPath:
 
     async def _pin_turn(self, pin: int, allowed: int | None) -> tuple[int, Verdict]:
         """Up to TURN_BATCHES of a pin's batches, reading the next while one is in flight."""
-        try:
-            return await self._pin_batches(pin, allowed)
-        finally:
-            await self.flush_deliveries()
-
-    async def flush_deliveries(self) -> None:
-        """Wait for the deliveries still riding along with later commits; needed before anything re-reads."""
-        deliveries, self._deliveries = self._deliveries, []
-        if deliveries:
-            await asyncio.gather(*deliveries)
+        return await self._pin_batches(pin, allowed)
 
     async def _pin_batches(self, pin: int, allowed: int | None) -> tuple[int, Verdict]:
         ctx = self._ctx
@@ -137,7 +127,6 @@ class HistoryPath:
             if not points:
                 break
             if points[0].ts_ms < self._expiry.cutoff_ms():
-                await self.flush_deliveries()
                 await self._expiry.run()
                 return handled + 1, ALLOWED
             batch = build_history_batch(points, ctx.guard.limits.max_request_bytes - BODY_MARGIN_BYTES)
@@ -229,7 +218,8 @@ class HistoryPath:
             ctx.count(f"refused_{exc.refusal.value}")
             return await self._refused(pin, points, exc, bisecting=bisecting)
         self._unknown.pop((pin, points[0].id, len(points)), None)
-        self._deliveries.append(asyncio.ensure_future(ctx.buffer.deliver(ctx.name, [p.id for p in points], "history")))
+        # Rides a later commit; the buffer's next read of this device's points, or the next budget, waits for it.
+        ctx.buffer.deliver_later(ctx.name, [p.id for p in points], "history")
         await ctx.succeeded()
         return ALLOWED
 

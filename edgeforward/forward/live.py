@@ -116,7 +116,7 @@ class LivePath:
                 self._excluded[points[0].pin] = points[0].id
                 ctx.log.info("live_refused", reason=exc.message, pin=f"v{points[0].pin}")
             return _Outcome.REFUSED, ALLOWED
-        await ctx.buffer.deliver(ctx.name, [p.id for p in points], "live")
+        ctx.buffer.deliver_later(ctx.name, [p.id for p in points], "live")
         self._last_sent.update((p.pin, p.value_json) for p in points)
         await ctx.succeeded()
         return _Outcome.SENT, ALLOWED

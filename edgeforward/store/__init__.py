@@ -1,7 +1,6 @@
 """The store: the one SQLite file holding points, ledger, budgets and state, and everything that touches it."""
 
 from .buffer import (
-    Budget,
     Buffer,
     Committed,
     DeliveryPath,
@@ -20,6 +19,7 @@ from .errors import (
     StoreFullError,
     StoreLockedError,
 )
+from .lease import Budget
 from .recovery import Recovery
 from .schema import (
     BUSY_TIMEOUT_MS,

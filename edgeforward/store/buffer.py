@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import heapq
 import json
 import os
 import sqlite3
@@ -24,7 +25,7 @@ from ..points import Point, value_json
 from ..redact import redact
 from ..servers import ServerError, remembered_target
 from ..timebase import utc_day, utc_month
-from . import capacity, schema
+from . import capacity, filing, schema
 from .errors import (
     IngestFailedError,
     StoreClosedError,
@@ -35,6 +36,8 @@ from .errors import (
     is_full,
     wrap,
 )
+from .filing import FILED, UNFILED, FilingPlan
+from .lease import Budget, Lease
 from .recovery import CheckInterrupted, Recovery, check_file, prepare_file, recover_file
 from .schema import (
     BUSY_TIMEOUT_MS,
@@ -49,6 +52,7 @@ from .writer import (
     COMMIT_ERRORS_LOGGED_PER_MINUTE,
     EXTERNAL_CHECK_S,
     GROUP_COMMIT_MAX_ITEMS,
+    RETRIED,
     Op,
     OpKind,
     Pending,
@@ -83,16 +87,6 @@ class QueuedPoint:
     pin: int
     ts_ms: int
     value_json: str
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """What a device has spent in the current UTC day and month."""
-
-    day: str
-    points_day: int
-    month: str
-    messages_month: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +222,10 @@ class Buffer:
         self._verify_conn: sqlite3.Connection | None = None
         self.commits = 0
         self.recovery: Recovery | None = None
+        self._filing = FilingPlan(0)
+        self._unsettled: set[asyncio.Future[Any]] = set()  # deliveries queued and not yet committed
+        self._leases: dict[int, Lease] = {}  # device id -> its budget lease (store/lease.py)
+        self._newest_unfiled = 0  # the newest unfiled row id the running transaction added (0: none)
 
     # opening and closing ----------------------------------------------------------------------------
 
@@ -314,6 +312,9 @@ class Buffer:
             self._device_ids = {name: device_id async for device_id, name in cursor}
         self._queued_total = await self._read_queued_total()
         self._data_version = int(await self._pragma(conn, "data_version") or 0)
+        async with conn.execute(filing.READ_MARK) as cursor:
+            row = await cursor.fetchone()
+        self._filing = FilingPlan(filing.mark_of(row[0]) if row else 0)
         async with conn.execute("SELECT value FROM meta WHERE key = ?", (META_INGEST_FAILED,)) as cursor:
             row = await cursor.fetchone()
         stored: dict[str, int] = {}
@@ -403,6 +404,8 @@ class Buffer:
                         ingest_failed=sum(self._ingest_failed.values()),
                         detail="the disk is full: these counts and states could not be written",
                     )
+                with contextlib.suppress(sqlite3.Error):
+                    await self._release_leases()
                 # PASSIVE, not TRUNCATE: the WAL keeps its blocks for the next start (no regrowth).
                 with contextlib.suppress(sqlite3.Error):
                     await self._pragma(self._write, "wal_checkpoint(PASSIVE)")
@@ -471,13 +474,18 @@ class Buffer:
         """
         if self._closing and self._write is None:
             raise StoreClosedError("buffer is closed")
+        return await self._queue(op, kind or (OpKind.BUDGET if urgent else OpKind.CHANGE), key)
+
+    def _queue(self, op: WriteOp, kind: OpKind, key: Hashable) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        chosen = kind or (OpKind.BUDGET if urgent else OpKind.CHANGE)
-        self._pending.ops.append(Op(op, future, chosen, key))
-        self._due_by(self._clock() + wait_s(chosen, self._commit_interval_s))
-        if chosen is OpKind.FACT:
+        if self._closing and self._write is None:
+            future.set_exception(StoreClosedError("buffer is closed"))
+            return future
+        self._pending.ops.append(Op(op, future, kind, key))
+        self._due_by(self._clock() + wait_s(kind, self._commit_interval_s))
+        if kind is OpKind.FACT:
             future.set_result(None)  # nobody waits for a fact: it rides a later commit
-        return await future
+        return future
 
     def _due_by(self, due_s: float) -> None:
         """A write arrived that must be committed by `due_s`: wake the writer if that is sooner than planned."""
@@ -668,9 +676,9 @@ class Buffer:
                 continue
             if op.kind is OpKind.FACT:
                 op.future.set_result(None)  # kept below and written later: the caller never waits for it
-            elif op.kind is not OpKind.LIFECYCLE:
+            elif op.kind not in RETRIED:
                 op.future.set_exception(error)
-        self._retry.keep([op for op in ops if op.kind in (OpKind.FACT, OpKind.LIFECYCLE)], self._clock())
+        self._retry.keep([op for op in ops if op.kind is OpKind.FACT or op.kind in RETRIED], self._clock())
         if isinstance(error, StoreCorruptError):
             self.needs_verify = True
         self._wake.set()
@@ -694,7 +702,9 @@ class Buffer:
         committed: list[Committed] = []
         results: list[Any] = []
         queued_before, device_ids_before = self._queued_total, dict(self._device_ids)
+        self._newest_unfiled = 0
         await conn.execute("BEGIN IMMEDIATE")
+        cut: int | None = None
         try:
             if cap_dropped:
                 if points or held:
@@ -714,6 +724,9 @@ class Buffer:
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (META_INGEST_FAILED, json.dumps(self._ingest_failed, sort_keys=True)),
                 )
+            if self._newest_unfiled:
+                self._filing.committed(self._newest_unfiled, self._clock())
+            cut = await self._file(conn)
             await conn.execute("COMMIT")
         except BaseException:
             self._queued_total, self._device_ids = queued_before, device_ids_before
@@ -721,9 +734,42 @@ class Buffer:
                 await conn.execute("ROLLBACK")
             raise
         self._ingest_failed_dirty = False
+        if cut is not None:
+            self._filing.filed(cut)
         if ops:
             self._freed_rows += max(0, queued_before_ops - self._queued_total)
         return committed, results
+
+    async def _keep_mark_below(self, conn: aiosqlite.Connection) -> None:
+        """Once the table emptied, SQLite numbers new rows from its newest one again: lower the filing mark to
+        there first, so that every point below it stays filed (store/filing.py)."""
+        async with conn.execute(f"SELECT COALESCE(MAX(id), 0), ({filing.READ_MARK}) FROM points") as cursor:
+            row = await cursor.fetchone()
+        following = (int(row[0]) if row else 0) + 1
+        if row and following < filing.mark_of(row[1]):  # the file's mark: this transaction may yet roll back
+            await conn.execute(filing.SET_MARK, (str(following),))
+            self._filing = FilingPlan(min(following, self._filing.below))
+
+    async def _file(self, conn: aiosqlite.Connection) -> int | None:
+        """File the points that waited long enough (store/filing.py), riding this commit; return the new mark.
+
+        Filing grows the index: on a full disk it is left for later (a savepoint keeps the rest of the commit,
+        whose deliveries are what frees room).
+        """
+        cut = self._filing.cut(self._clock())
+        if cut is None or self._full_since is not None or self._reserve_released:
+            return None
+        await conn.execute("SAVEPOINT filing")
+        try:
+            await conn.execute(filing.FILE_RANGE, (self._filing.below, cut))
+            await conn.execute(filing.SET_MARK, (str(cut),))
+        except sqlite3.Error as exc:
+            await conn.execute("ROLLBACK TO filing")
+            await conn.execute("RELEASE filing")
+            log.debug("buffer_filing_deferred", error=str(exc))
+            return None
+        await conn.execute("RELEASE filing")
+        return cut
 
     async def _fit_disk(self) -> None:
         """Keep the file from growing into the room its WAL needs: on a full disk the file then refuses new
@@ -867,7 +913,8 @@ class Buffer:
             await self._add_ledger(conn, device_id, received=dropped, dropped=dropped)
         return start, stop
 
-    async def _insert(self, conn: aiosqlite.Connection, points: list[Point]) -> list[Committed]:
+    async def _insert(self, conn: aiosqlite.Connection, points: list[Point], *, filed: bool = False) -> list[Committed]:
+        """Insert sendable points; readings go in unfiled (store/filing.py), imports filed."""
         start, stop = await self._fit(conn, points)
         accepted = points if (start, stop) == (0, len(points)) else points[start:stop]
         rows = []
@@ -875,11 +922,17 @@ class Buffer:
         for point in accepted:
             known = self._device_ids.get(point.device)
             device_id = known if known is not None else await self._device_id(conn, point.device)
-            rows.append((device_id, point.pin, point.ts_ms, value_json(point.value)))
+            rows.append((device_id, point.pin, point.ts_ms, value_json(point.value), int(filed)))
             pins, count = per_device.setdefault(point.device, (set(), [0]))
             pins.add(point.pin)
             count[0] += 1
-        await conn.executemany("INSERT INTO points (device_id, pin, ts, value) VALUES (?, ?, ?, ?)", rows)
+        if rows and not filed:
+            await self._keep_mark_below(conn)
+        await conn.executemany("INSERT INTO points (device_id, pin, ts, value, filed) VALUES (?, ?, ?, ?, ?)", rows)
+        if rows and not filed:
+            async with conn.execute("SELECT last_insert_rowid()") as cursor:
+                row = await cursor.fetchone()
+            self._newest_unfiled = max(self._newest_unfiled, int(row[0]) if row else 0)
         for name, (_, count) in per_device.items():
             await self._add_ledger(conn, self._device_ids[name], received=count[0], queued=count[0])
         self._queued_total += len(accepted)
@@ -954,20 +1007,48 @@ class Buffer:
         return result
 
     async def deliver(self, device: str, ids: Sequence[int], path: DeliveryPath) -> int:
-        """Delete points the cloud answered 200 for and count them delivered."""
+        """Delete points the cloud answered 200 for and count them delivered; return once committed."""
         column = "delivered_live" if path == "live" else "delivered_history"
         return await self._remove(device, ids, column)
+
+    def deliver_later(self, device: str, ids: Sequence[int], path: DeliveryPath) -> asyncio.Future[int]:
+        """Delete delivered points with a later commit (at most DELIVERY_WAIT_S away); the future says how many.
+
+        What the forwarder does after a 200: the deletion rides the next reading's commit instead of paying an
+        fdatasync of its own. Nothing can send the points again meanwhile: every read of queued points, and the
+        budget of the next request (committed at once, with everything pending), waits for it first. So a crash
+        resends at most this batch, as it would have if the cloud's answer had been lost.
+        """
+        column = "delivered_live" if path == "live" else "delivered_history"
+        device_id = self._device_ids.get(device)
+        if device_id is None or not ids:  # its points were never read through this buffer: none to delete
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            done.set_result(0)
+            return done
+        future = self._queue(self._remove_op(device_id, ids, column), OpKind.DELIVERY, None)
+        self._unsettled.add(future)
+        future.add_done_callback(self._unsettled.discard)
+        future.add_done_callback(_consume_exception)
+        return future
+
+    async def _settle_deliveries(self) -> None:
+        """Before a read of queued points: commit the deliveries still riding along (the read must not see them)."""
+        if self._unsettled:
+            self._due_by(self._clock())
+            await asyncio.gather(*(asyncio.shield(f) for f in list(self._unsettled)), return_exceptions=True)
 
     async def expire(self, device: str, before_ts_ms: int, *, pin: int) -> int:
         """Delete a pin's points older than `before_ts_ms` and count them expired."""
         device_id = await self.device_id(device)
 
         async def op(conn: aiosqlite.Connection) -> int:
-            async with conn.execute(
-                "DELETE FROM points WHERE device_id = ? AND pin = ? AND ts < ?",
-                (device_id, pin, before_ts_ms),
-            ) as cursor:
-                count = cursor.rowcount
+            count = 0
+            for where in (FILED, UNFILED):
+                async with conn.execute(
+                    f"DELETE FROM points WHERE device_id = ? AND pin = ? AND ts < ? AND {where}",
+                    (device_id, pin, before_ts_ms),
+                ) as cursor:
+                    count += cursor.rowcount
             if count > 0:
                 await self._add_ledger(conn, device_id, queued=-count, expired=count)
                 self._queued_total -= count
@@ -1009,7 +1090,7 @@ class Buffer:
                     if await cursor.fetchone() is None:
                         fresh.append(point)
             if fresh:
-                await self._insert(conn, fresh)
+                await self._insert(conn, fresh, filed=True)
                 await conn.executemany(
                     "INSERT OR IGNORE INTO import_seen (device, pin, ts) VALUES (?, ?, ?)",
                     [(p.device, p.pin, p.ts_ms) for p in fresh],
@@ -1086,8 +1167,11 @@ class Buffer:
         return await self._remove(device, ids, "downsampled")
 
     async def _remove(self, device: str, ids: Sequence[int], column: str) -> int:
-        device_id = await self.device_id(device)
+        op = self._remove_op(await self.device_id(device), ids, column)
+        result: int = await self.run_op(op, kind=OpKind.LIFECYCLE)
+        return result
 
+    def _remove_op(self, device_id: int, ids: Sequence[int], column: str) -> WriteOp:
         async def op(conn: aiosqlite.Connection) -> int:
             count = await self._delete_ids(conn, ids)
             if count:
@@ -1095,8 +1179,7 @@ class Buffer:
                 self._queued_total -= count
             return count
 
-        result: int = await self.run_op(op, kind=OpKind.LIFECYCLE)
-        return result
+        return op
 
     @staticmethod
     async def _delete_ids(conn: aiosqlite.Connection, ids: Sequence[int]) -> int:
@@ -1109,33 +1192,93 @@ class Buffer:
             return int(cursor.rowcount)
 
     async def spend(self, device: str, now_s: float, *, messages: int = 1, points: int = 0) -> Budget:
-        """Count a request (and its timestamped points) against the device's budget before it is sent."""
+        """Count a request (and its timestamped points) against the device's budget before it is sent.
+
+        Returns once the file counts it: at once when the device's lease covers it (the exact count rides a later
+        commit), else after a commit of a new reservation, with everything pending (store/lease.py). Either way,
+        with a delivery still riding along, that is committed first: a crash never resends more than one batch.
+        """
         device_id = await self.device_id(device)
         day, month = utc_day(now_s), utc_month(now_s)
-
-        async def op(conn: aiosqlite.Connection) -> Budget:
-            current = await self._budget(conn, device_id, day, month)
-            spent = Budget(day, max(0, current.points_day + points), month, current.messages_month + messages)
-            await conn.execute(
-                "INSERT OR REPLACE INTO budget (device_id, day, points_day, month, messages_month) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (device_id, spent.day, spent.points_day, spent.month, spent.messages_month),
-            )
+        lease = self._leases.get(device_id)
+        if lease is None:
+            current = await self._budget(self._reader(), device_id, day, month)
+            lease = self._leases.setdefault(device_id, Lease(current, current))
+        before = lease.spent
+        spent = lease.add(day, month, messages=messages, points=points)
+        lease.spent = spent
+        if lease.covers(spent) and not self._unsettled:
+            self._queue(self._budget_op(device_id, lease, reserve=False), OpKind.FACT, ("budget", device_id))
             return spent
+        reserved = lease.reservation(spent)
+        try:
+            await self.run_op(self._budget_op(device_id, lease, reserve=True, reserved=reserved), kind=OpKind.BUDGET)
+        except BaseException:
+            lease.spent = before  # not recorded: the request is not sent
+            raise
+        lease.reserved = reserved
+        return spent
 
-        result: Budget = await self.run_op(op, kind=OpKind.BUDGET)
-        return result
+    @staticmethod
+    def _budget_op(device_id: int, lease: Lease, *, reserve: bool, reserved: Budget | None = None) -> WriteOp:
+        async def op(conn: aiosqlite.Connection) -> None:
+            spent = lease.spent  # the newest count when the commit runs
+            kept = reserved if reserve and reserved is not None else lease.reserved
+            same = kept.day == spent.day and kept.month == spent.month
+            await conn.execute(
+                "INSERT OR REPLACE INTO budget (device_id, day, points_day, month, messages_month, "
+                "points_day_reserved, messages_month_reserved) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    device_id,
+                    spent.day,
+                    spent.points_day,
+                    spent.month,
+                    spent.messages_month,
+                    max(spent.points_day, kept.points_day if same else 0),
+                    max(spent.messages_month, kept.messages_month if same else 0),
+                ),
+            )
+
+        return op
+
+    async def _release_leases(self) -> None:
+        """At a clean stop: the reservations become the exact counts (nothing was sent past them)."""
+        if not self._leases:
+            return
+        rows = [
+            (lease.spent.points_day, lease.spent.messages_month, device_id, lease.spent.day, lease.spent.month)
+            for device_id, lease in self._leases.items()
+        ]
+        conn = self._connection()
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.executemany(
+                "UPDATE budget SET points_day = ?, messages_month = ?, points_day_reserved = points_day, "
+                "messages_month_reserved = messages_month WHERE device_id = ? AND day = ? AND month = ?",
+                rows,
+            )
+            await conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise
 
     @_reading
     async def budget(self, device: str, now_s: float) -> Budget:
-        """Return what the device has spent today and this month."""
+        """Return what the device has spent today and this month (after a crash: what it had reserved)."""
         device_id = await self.device_id(device)
-        return await self._budget(self._reader(), device_id, utc_day(now_s), utc_month(now_s))
+        day, month = utc_day(now_s), utc_month(now_s)
+        lease = self._leases.get(device_id)
+        if lease is not None:
+            return lease.add(day, month, messages=0, points=0)
+        return await self._budget(self._reader(), device_id, day, month)
 
     @staticmethod
     async def _budget(conn: aiosqlite.Connection, device_id: int, day: str, month: str) -> Budget:
         async with conn.execute(
-            "SELECT day, points_day, month, messages_month FROM budget WHERE device_id = ?", (device_id,)
+            "SELECT day, MAX(points_day, points_day_reserved), month, MAX(messages_month, messages_month_reserved) "
+            "FROM budget WHERE device_id = ?",
+            (device_id,),
         ) as cursor:
             row = await cursor.fetchone()
         if row is None:
@@ -1244,22 +1387,22 @@ class Buffer:
 
     @_reading
     async def pins_queued(self, device: str) -> list[int]:
-        """Return the pins that have queued points (a skip-scan over the index)."""
+        """Return the pins that have queued points (the unfiled ones, then a skip-scan over the index)."""
         device_id = self._device_ids.get(device)
         if device_id is None:
             return []
-        pins: list[int] = []
-        last = -1
+        await self._settle_deliveries()
         conn = self._reader()
+        async with conn.execute(filing.UNFILED_PINS, (device_id,)) as cursor:
+            pins = {int(row[0]) async for row in cursor}
+        last = -1
         while True:
-            async with conn.execute(
-                "SELECT MIN(pin) FROM points WHERE device_id = ? AND pin > ?", (device_id, last)
-            ) as cursor:
+            async with conn.execute(filing.NEXT_FILED_PIN, (device_id, last)) as cursor:
                 row = await cursor.fetchone()
             if row is None or row[0] is None:
-                return pins
+                return sorted(pins)
             last = int(row[0])
-            pins.append(last)
+            pins.add(last)
 
     @_reading
     async def newest(self, device: str, pin: int) -> QueuedPoint | None:
@@ -1267,11 +1410,15 @@ class Buffer:
         device_id = self._device_ids.get(device)
         if device_id is None:
             return None
-        async with self._reader().execute(
-            "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? ORDER BY ts DESC, id DESC LIMIT 1",
-            (device_id, pin),
-        ) as cursor:
-            row = await cursor.fetchone()
+        await self._settle_deliveries()
+        rows = await self._reader().execute_fetchall(
+            filing.both(
+                "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND {where} "
+                "ORDER BY ts DESC, id DESC LIMIT 1"
+            ),
+            (device_id, pin) * 2,
+        )
+        row = max(rows, key=lambda r: (r[1], r[0]), default=None)
         return QueuedPoint(row[0], pin, row[1], row[2]) if row else None
 
     @_reading
@@ -1283,13 +1430,17 @@ class Buffer:
         if device_id is None or limit <= 0:
             return []
         after_ts, after_id = after if after is not None else (-(2**63), -1)
+        if after is None:  # a read past a cursor comes after the points its reader delivered
+            await self._settle_deliveries()
         # One fetchall: iterating the cursor would cost a thread hand-off per 64 rows.
         rows = await self._reader().execute_fetchall(
-            "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? "
-            "AND (ts > ? OR (ts = ? AND id > ?)) ORDER BY ts, id LIMIT ?",
-            (device_id, pin, max_id if max_id is not None else 2**63 - 1, after_ts, after_ts, after_id, limit),
+            filing.both(
+                "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? "
+                "AND (ts > ? OR (ts = ? AND id > ?)) AND {where} ORDER BY ts, id LIMIT ?"
+            ),
+            (device_id, pin, max_id if max_id is not None else 2**63 - 1, after_ts, after_ts, after_id, limit) * 2,
         )
-        return [QueuedPoint(row[0], pin, row[1], row[2]) for row in rows]
+        return [QueuedPoint(row[0], pin, row[1], row[2]) for row in heapq.nsmallest(limit, rows, key=_time_order)]
 
     @_reading
     async def count_queued(
@@ -1299,17 +1450,15 @@ class Buffer:
         device_id = self._device_ids.get(device)
         if device_id is None:
             return 0
-        async with self._reader().execute(
-            "SELECT COUNT(*) FROM points WHERE device_id = ? AND pin = ? AND id <= ? AND ts < ?",
-            (
-                device_id,
-                pin,
-                max_id if max_id is not None else 2**63 - 1,
-                before_ts if before_ts is not None else 2**63 - 1,
+        await self._settle_deliveries()
+        bounds = (max_id if max_id is not None else 2**63 - 1, before_ts if before_ts is not None else 2**63 - 1)
+        rows = await self._reader().execute_fetchall(
+            filing.both(
+                "SELECT COUNT(*) FROM points WHERE device_id = ? AND pin = ? AND id <= ? AND ts < ? AND {where}"
             ),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+            (device_id, pin, *bounds) * 2,
+        )
+        return sum(int(row[0]) for row in rows)
 
     @_reading
     async def max_id(self) -> int:
@@ -1326,21 +1475,21 @@ class Buffer:
         if device_id is None:
             return None
         for pin in await self.pins_queued(device):
-            async with self._reader().execute(
-                "SELECT MIN(ts) FROM points WHERE device_id = ? AND pin = ?", (device_id, pin)
-            ) as cursor:
+            async with self._reader().execute(filing.OLDEST_TS, (device_id, pin) * 2) as cursor:
                 row = await cursor.fetchone()
-            if row and row[0] is not None and (oldest is None or row[0] < oldest):
-                oldest = int(row[0])
+            for ts in row or ():
+                if ts is not None and (oldest is None or ts < oldest):
+                    oldest = int(ts)
         return oldest
 
     @_reading
     async def ledger(self, device: str) -> dict[str, int]:
-        """Return a device's ledger counters."""
+        """Return a device's ledger counters (the deliveries still riding along committed first)."""
         device_id = self._device_ids.get(device)
         counts = dict.fromkeys(LEDGER_FIELDS, 0)
         if device_id is None:
             return counts
+        await self._settle_deliveries()
         async with self._reader().execute(
             f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger WHERE device_id = ?", (device_id,)
         ) as cursor:
@@ -1368,6 +1517,11 @@ def _stopped_uncleanly(path: Path) -> bool:
     """Whether the last process to close the file did not (a WAL with frames is left behind)."""
     wal = Path(f"{path}-wal")
     return not path.exists() or (wal.exists() and wal.stat().st_size > 0)
+
+
+def _time_order(row: Any) -> tuple[int, int]:
+    """(ts, id) of an (id, ts, value) row: the order a pin's points are sent in."""
+    return int(row[1]), int(row[0])
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..timebase import utc_day, utc_month
+from . import filing
 from .errors import wrap
 from .schema import BUSY_TIMEOUT_MS, LEDGER_FIELDS
 
@@ -72,17 +73,14 @@ def devices(db: sqlite3.Connection, now_s: float) -> dict[str, DeviceRow]:
 
 
 def oldest_ts(db: sqlite3.Connection, device_id: int) -> int | None:
-    """Return the timestamp of a device's oldest queued point (a skip-scan over the pins of the index)."""
-    oldest: int | None = None
+    """Return the timestamp of a device's oldest queued point (the unfiled pins, then a skip-scan of the index)."""
+    pins = {int(row[0]) for row in db.execute(filing.UNFILED_PINS, (device_id,))}
     pin = -1
-    while True:
-        row = db.execute("SELECT MIN(pin) FROM points WHERE device_id = ? AND pin > ?", (device_id, pin)).fetchone()
-        if row is None or row[0] is None:
-            return oldest
-        pin = row[0]
-        ts = db.execute("SELECT MIN(ts) FROM points WHERE device_id = ? AND pin = ?", (device_id, pin)).fetchone()[0]
-        if ts is not None and (oldest is None or ts < oldest):
-            oldest = ts
+    while (row := db.execute(filing.NEXT_FILED_PIN, (device_id, pin)).fetchone()) and row[0] is not None:
+        pin = int(row[0])
+        pins.add(pin)
+    stamps = [ts for pin in pins for ts in db.execute(filing.OLDEST_TS, (device_id, pin) * 2).fetchone() or ()]
+    return min((int(ts) for ts in stamps if ts is not None), default=None)
 
 
 def ports(db: sqlite3.Connection) -> list[tuple[str, str, int, int, int, int, dict[str, Any]]]:

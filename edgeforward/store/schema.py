@@ -11,7 +11,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 BUSY_TIMEOUT_MS: Final = 10_000
 PAGE_CACHE_KIB: Final = 1024
 # New files get small pages: a commit of one line rewrites a few pages, and 1 KiB pages write a quarter of the
@@ -49,9 +49,10 @@ CREATE TABLE points (
     device_id INTEGER NOT NULL,
     pin INTEGER NOT NULL,
     ts INTEGER NOT NULL,
-    value TEXT NOT NULL
+    value TEXT NOT NULL,
+    filed INTEGER NOT NULL DEFAULT 1
 );
-CREATE INDEX points_by_pin ON points (device_id, pin, ts);
+CREATE INDEX points_by_pin ON points (device_id, pin, ts) WHERE filed = 1;
 CREATE TABLE ledger (
     device_id INTEGER PRIMARY KEY,
     received INTEGER NOT NULL DEFAULT 0,
@@ -77,7 +78,9 @@ CREATE TABLE budget (
     day TEXT NOT NULL,
     points_day INTEGER NOT NULL,
     month TEXT NOT NULL,
-    messages_month INTEGER NOT NULL
+    messages_month INTEGER NOT NULL,
+    points_day_reserved INTEGER NOT NULL DEFAULT 0,
+    messages_month_reserved INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE device_state (
     device_id INTEGER PRIMARY KEY,
@@ -142,6 +145,20 @@ CREATE TABLE IF NOT EXISTS resend_window (
 );
 CREATE INDEX IF NOT EXISTS resend_window_by_port ON resend_window (port, id);
 """
+# Version 6: points the daemon commits are `filed = 0` (out of the pin index) until they wait long enough to need
+# it (store/filing.py); every point of an older file is filed, so the mark starts past the newest one. The index
+# is built again, once: a partial index cannot be made from the full one.
+_FILED_COLUMN = "ALTER TABLE points ADD COLUMN filed INTEGER NOT NULL DEFAULT 1;"
+# ... and budgets are reserved ahead of the requests they count (store/lease.py).
+_LEASE_COLUMNS = (
+    "ALTER TABLE budget ADD COLUMN points_day_reserved INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE budget ADD COLUMN messages_month_reserved INTEGER NOT NULL DEFAULT 0;"
+)
+_FILING = """
+DROP INDEX IF EXISTS points_by_pin;
+CREATE INDEX points_by_pin ON points (device_id, pin, ts) WHERE filed = 1;
+INSERT OR REPLACE INTO meta (key, value) VALUES ('filed_below', (SELECT COALESCE(MAX(id), 0) + 1 FROM points))
+"""
 SCHEMA: Final = _BASE + _HELD + _IMPORT_SEEN + _RESEND_WINDOW
 
 # The version that added each table after the first (an older file lacks it until it is migrated).
@@ -198,12 +215,21 @@ def _to_v2(conn: sqlite3.Connection) -> None:
     _in_one_transaction(conn, "", 2)
 
 
+def _to_v6(conn: sqlite3.Connection) -> None:
+    points = {row[1] for row in conn.execute("PRAGMA table_info(points)")}
+    budget = {row[1] for row in conn.execute("PRAGMA table_info(budget)")}
+    script = "" if "filed" in points else _FILED_COLUMN
+    script += "" if "points_day_reserved" in budget else _LEASE_COLUMNS
+    _in_one_transaction(conn, script + _FILING, 6)
+
+
 # version -> the step that brings a file of the version before it there, in order.
 MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] = (
     (2, _to_v2),
     (3, lambda conn: _in_one_transaction(conn, _HELD, 3)),
     (4, lambda conn: _in_one_transaction(conn, _IMPORT_SEEN, 4)),
     (5, lambda conn: _in_one_transaction(conn, _RESEND_WINDOW, 5)),
+    (6, _to_v6),
 )
 
 

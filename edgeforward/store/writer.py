@@ -26,6 +26,9 @@ COMMIT_ERRORS_LOGGED_PER_MINUTE: Final = 5
 # commit, not by the byte). Readings wait the ingest window (`commit_interval_ms`), budgets not at all.
 # Point lifecycle: the forwarder waits for it, so it never waits out a long ingest window (history would stall).
 LIFECYCLE_WAIT_MAX_S: Final = 0.05
+# A delivery nobody waits for (Buffer.deliver_later): it rides the next reading's commit at 1 line/s; a read of
+# queued points or the next request's budget commits it at once, so it never holds anything up.
+DELIVERY_WAIT_S: Final = 2.0
 # Facts (device state, port snapshot, status fields): only the latest value matters and nobody waits for them;
 # at 1 line/s they ride the next reading's commit.
 FACT_WAIT_S: Final = 2.0
@@ -41,6 +44,9 @@ class OpKind(enum.Enum):
     # Point lifecycle after the cloud answered (deliver, expire, reject, thin, settle): retried until it
     # commits, the caller waiting; what it deletes frees space, so a full disk must not lose it.
     LIFECYCLE = "lifecycle"
+    # A delivery the forwarder does not wait for: like LIFECYCLE, retried until it commits, but it waits for a
+    # commit that would happen anyway, up to DELIVERY_WAIT_S.
+    DELIVERY = "delivery"
     # A budget counted before a request: committed at once with everything queued before it (so a delivery
     # never trails the next request); a failure is raised and the request is not sent.
     BUDGET = "budget"
@@ -50,12 +56,18 @@ class OpKind(enum.Enum):
     FACT = "fact"
 
 
+# The kinds a failed commit keeps and writes again until they commit (they free space: a full disk must not lose them).
+RETRIED: Final = frozenset({OpKind.LIFECYCLE, OpKind.DELIVERY})
+
+
 def wait_s(kind: OpKind, commit_interval_s: float) -> float:
     """How long a write of this kind may wait for the next commit."""
     if kind is OpKind.BUDGET:
         return 0.0
     if kind is OpKind.LIFECYCLE:
         return min(commit_interval_s, LIFECYCLE_WAIT_MAX_S)
+    if kind is OpKind.DELIVERY:
+        return max(commit_interval_s, DELIVERY_WAIT_S)
     if kind is OpKind.FACT:
         return max(commit_interval_s, FACT_WAIT_S)
     return commit_interval_s
@@ -141,7 +153,7 @@ class Retry:
     def keep(self, ops: list[Op], now_s: float) -> None:
         """Keep the lifecycle ops and facts of a failed commit; schedule the next attempt."""
         for op in ops:
-            if op.kind is OpKind.LIFECYCLE:
+            if op.kind in RETRIED:
                 self.lifecycle.append(op)
             elif op.kind is OpKind.FACT:
                 self.facts[op.key if op.key is not None else id(op)] = op

@@ -1,0 +1,93 @@
+"""Filing: a new point skips the pin index until it has waited long enough to need it.
+
+Most points are delivered within a history round, so indexing each one as it is committed costs an SD card the
+index pages of every commit (a commit of one line rewrote 4 pages: the table, two index leaves and the ledger).
+The daemon commits its readings unfiled (`filed = 0`): in the points table, not in the partial index
+`points_by_pin`. A point still queued FILE_AFTER_S after its commit, or once the unfiled range spans more than
+FILE_TAIL_MAX_IDS row ids, is filed in bulk (`filed = 1`, which puts it in the index) with a later commit.
+Imports and settled readings are filed as they are written (they arrive in bulk, and are old already).
+
+The rule the reads rely on: every point with a row id below the `filed_below` meta value is filed; points at or
+above it may be either. So a read takes the filed points through the index and the unfiled ones through a row-id
+range scan from the mark (`UNFILED`, which reads the mark in the same statement: both parts see one snapshot).
+Filing only ever moves points from the unfiled part to the filed one; a read made of several statements takes the
+unfiled part first, so a filing between its statements can never hide a point from it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+META_FILED_BELOW: Final = "filed_below"
+# A point still queued this long after its commit is filed (a backlog: history reads it by pin and time).
+FILE_AFTER_S: Final = 300.0
+# ... or sooner once the unfiled part spans this many row ids (it bounds the range scan every read makes).
+FILE_TAIL_MAX_IDS: Final = 20_000
+# Commits are remembered by their newest row id at most this often (a point may be filed this much early).
+MARK_EVERY_S: Final = 10.0
+
+FILED: Final = "filed = 1"
+UNFILED: Final = (
+    "id >= (SELECT COALESCE(MAX(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'filed_below') AND filed = 0"
+)
+FILE_RANGE: Final = "UPDATE points SET filed = 1 WHERE id >= ? AND id < ? AND filed = 0"
+SET_MARK: Final = "INSERT OR REPLACE INTO meta (key, value) VALUES ('filed_below', ?)"
+READ_MARK: Final = "SELECT value FROM meta WHERE key = 'filed_below'"
+
+
+def mark_of(value: object) -> int:
+    """The `filed_below` mark from its meta value (0, when absent or not a number: every point may be unfiled)."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0
+
+
+class FilingPlan:
+    """When the daemon's writer files which points: it remembers when each row id was committed."""
+
+    def __init__(self, below: int) -> None:
+        self.below = below  # every point with a lower row id is filed
+        self._marks: deque[tuple[float, int]] = deque()  # (monotonic s of a commit, the newest row id it held)
+        self._newest = below - 1
+
+    def committed(self, newest_id: int, now_s: float) -> None:
+        """A commit added unfiled points up to row id `newest_id`."""
+        self._newest = max(self._newest, newest_id)
+        if self._marks and now_s - self._marks[-1][0] < MARK_EVERY_S:
+            self._marks[-1] = (self._marks[-1][0], self._newest)
+        else:
+            self._marks.append((now_s, self._newest))
+
+    def cut(self, now_s: float) -> int | None:
+        """The row id below which every point should be filed now (None: nothing is due)."""
+        cut = self.below
+        for committed_s, newest_id in self._marks:
+            if committed_s > now_s - FILE_AFTER_S:
+                break
+            cut = max(cut, newest_id + 1)
+        if self._newest + 1 - cut > FILE_TAIL_MAX_IDS:
+            cut = self._newest + 1 - FILE_TAIL_MAX_IDS // 2
+        return cut if cut > self.below else None
+
+    def filed(self, cut: int) -> None:
+        """The points below `cut` are filed (the commit that filed them went through)."""
+        self.below = max(self.below, cut)
+        while self._marks and self._marks[0][1] < self.below:  # marks of points all filed now
+            self._marks.popleft()
+
+
+# Reads of one pin's queued points, each one statement over both parts (one snapshot), for the buffer and the
+# queries of other processes. Parameters: (device_id, pin, ...) for the filed part, then the same for the other.
+UNFILED_PINS: Final = f"SELECT DISTINCT pin FROM points WHERE {UNFILED} AND device_id = ?"
+NEXT_FILED_PIN: Final = f"SELECT MIN(pin) FROM points WHERE device_id = ? AND pin > ? AND {FILED}"
+OLDEST_TS: Final = (
+    f"SELECT (SELECT MIN(ts) FROM points WHERE device_id = ? AND pin = ? AND {FILED}), "
+    f"(SELECT MIN(ts) FROM points WHERE {UNFILED} AND device_id = ? AND pin = ?)"
+)
+
+
+def both(part: str) -> str:
+    """`part` (a SELECT of points with `{where}` in it) over the filed points, then the unfiled ones."""
+    return f"SELECT * FROM ({part.format(where=FILED)}) UNION ALL SELECT * FROM ({part.format(where=UNFILED)})"
