@@ -226,6 +226,7 @@ class Buffer:
         self._unsettled: set[asyncio.Future[Any]] = set()  # deliveries queued and not yet committed
         self._leases: dict[int, Lease] = {}  # device id -> its budget lease (store/lease.py)
         self._newest_unfiled = 0  # the newest unfiled row id the running transaction added (0: none)
+        self._newest_filed = 0  # ... and the newest filed one
 
     # opening and closing ----------------------------------------------------------------------------
 
@@ -312,9 +313,12 @@ class Buffer:
             self._device_ids = {name: device_id async for device_id, name in cursor}
         self._queued_total = await self._read_queued_total()
         self._data_version = int(await self._pragma(conn, "data_version") or 0)
-        async with conn.execute(filing.READ_MARK) as cursor:
+        async with conn.execute(f"SELECT ({filing.READ_MARK}), (SELECT MAX(id) FROM points)") as cursor:
             row = await cursor.fetchone()
         self._filing = FilingPlan(filing.mark_of(row[0]) if row else 0)
+        if row and row[1] is not None and int(row[1]) >= self._filing.below:
+            # Points at or above the mark may be unfiled (an earlier run's): filed once they wait long enough.
+            self._filing.committed(int(row[1]), self._clock())
         async with conn.execute("SELECT value FROM meta WHERE key = ?", (META_INGEST_FAILED,)) as cursor:
             row = await cursor.fetchone()
         stored: dict[str, int] = {}
@@ -702,7 +706,7 @@ class Buffer:
         committed: list[Committed] = []
         results: list[Any] = []
         queued_before, device_ids_before = self._queued_total, dict(self._device_ids)
-        self._newest_unfiled = 0
+        self._newest_unfiled = self._newest_filed = 0
         await conn.execute("BEGIN IMMEDIATE")
         cut: int | None = None
         try:
@@ -711,7 +715,7 @@ class Buffer:
                     await self._count_dropped_new(conn, [*points, *(point for _, point in held)])
             else:
                 if points:
-                    committed = await self._insert(conn, points)
+                    committed = await self._insert(conn, points, filed=len(points) >= filing.FILE_DIRECT_POINTS)
                 if held:
                     await self._insert_held(conn, held)
                 if resend:
@@ -726,6 +730,8 @@ class Buffer:
                 )
             if self._newest_unfiled:
                 self._filing.committed(self._newest_unfiled, self._clock())
+            if self._newest_filed:
+                self._filing.seen(self._newest_filed)
             cut = await self._file(conn)
             await conn.execute("COMMIT")
         except BaseException:
@@ -746,6 +752,7 @@ class Buffer:
         async with conn.execute(f"SELECT COALESCE(MAX(id), 0), ({filing.READ_MARK}) FROM points") as cursor:
             row = await cursor.fetchone()
         following = (int(row[0]) if row else 0) + 1
+        self._filing.seen(following - 1)  # what other processes (import, deadletter retry) added, filed
         if row and following < filing.mark_of(row[1]):  # the file's mark: this transaction may yet roll back
             await conn.execute(filing.SET_MARK, (str(following),))
             self._filing = FilingPlan(min(following, self._filing.below))
@@ -761,7 +768,8 @@ class Buffer:
             return None
         await conn.execute("SAVEPOINT filing")
         try:
-            await conn.execute(filing.FILE_RANGE, (self._filing.below, cut))
+            if self._filing.unfiled:
+                await conn.execute(filing.FILE_RANGE, (self._filing.below, cut))
             await conn.execute(filing.SET_MARK, (str(cut),))
         except sqlite3.Error as exc:
             await conn.execute("ROLLBACK TO filing")
@@ -929,10 +937,14 @@ class Buffer:
         if rows and not filed:
             await self._keep_mark_below(conn)
         await conn.executemany("INSERT INTO points (device_id, pin, ts, value, filed) VALUES (?, ?, ?, ?, ?)", rows)
-        if rows and not filed:
+        if rows:
             async with conn.execute("SELECT last_insert_rowid()") as cursor:
                 row = await cursor.fetchone()
-            self._newest_unfiled = max(self._newest_unfiled, int(row[0]) if row else 0)
+            newest = int(row[0]) if row else 0
+            if filed:
+                self._newest_filed = max(self._newest_filed, newest)
+            else:
+                self._newest_unfiled = max(self._newest_unfiled, newest)
         for name, (_, count) in per_device.items():
             await self._add_ledger(conn, self._device_ids[name], received=count[0], queued=count[0])
         self._queued_total += len(accepted)

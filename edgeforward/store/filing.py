@@ -5,7 +5,8 @@ index pages of every commit (a commit of one line rewrote 4 pages: the table, tw
 The daemon commits its readings unfiled (`filed = 0`): in the points table, not in the partial index
 `points_by_pin`. A point still queued FILE_AFTER_S after its commit, or once the unfiled range spans more than
 FILE_TAIL_MAX_IDS row ids, is filed in bulk (`filed = 1`, which puts it in the index) with a later commit.
-Imports and settled readings are filed as they are written (they arrive in bulk, and are old already).
+Imports, settled readings and commits of FILE_DIRECT_POINTS or more are filed as they are written (they arrive
+in bulk, or are old already).
 
 The rule the reads rely on: every point with a row id below the `filed_below` meta value is filed; points at or
 above it may be either. So a read takes the filed points through the index and the unfiled ones through a row-id
@@ -24,6 +25,9 @@ META_FILED_BELOW: Final = "filed_below"
 FILE_AFTER_S: Final = 300.0
 # ... or sooner once the unfiled part spans this many row ids (it bounds the range scan every read makes).
 FILE_TAIL_MAX_IDS: Final = 20_000
+# A commit of this many readings or more (a flood, a backlog read from a device) files them as it writes them:
+# in bulk the index costs little per point, and filing them later would write every row twice.
+FILE_DIRECT_POINTS: Final = 512
 # Commits are remembered by their newest row id at most this often (a point may be filed this much early).
 MARK_EVERY_S: Final = 10.0
 
@@ -45,30 +49,44 @@ def mark_of(value: object) -> int:
 
 
 class FilingPlan:
-    """When the daemon's writer files which points: it remembers when each row id was committed."""
+    """When the daemon's writer files which points: it remembers when each unfiled row id was committed."""
 
     def __init__(self, below: int) -> None:
         self.below = below  # every point with a lower row id is filed
-        self._marks: deque[tuple[float, int]] = deque()  # (monotonic s of a commit, the newest row id it held)
-        self._newest = below - 1
+        self._marks: deque[tuple[float, int]] = deque()  # (monotonic s of a commit, the newest unfiled id it held)
+        self._newest = below - 1  # the newest row id known, filed or not
 
     def committed(self, newest_id: int, now_s: float) -> None:
-        """A commit added unfiled points up to row id `newest_id`."""
+        """A commit added unfiled points up to row id `newest_id` (at start: what an earlier run left)."""
         self._newest = max(self._newest, newest_id)
         if self._marks and now_s - self._marks[-1][0] < MARK_EVERY_S:
             self._marks[-1] = (self._marks[-1][0], self._newest)
         else:
             self._marks.append((now_s, self._newest))
 
+    def seen(self, newest_id: int) -> None:
+        """Filed points exist up to row id `newest_id` (a flood, an import): the mark may pass them."""
+        self._newest = max(self._newest, newest_id)
+
+    @property
+    def unfiled(self) -> bool:
+        """Whether points this plan knows of may be unfiled at or above the mark."""
+        return bool(self._marks)
+
     def cut(self, now_s: float) -> int | None:
         """The row id below which every point should be filed now (None: nothing is due)."""
-        cut = self.below
-        for committed_s, newest_id in self._marks:
-            if committed_s > now_s - FILE_AFTER_S:
-                break
-            cut = max(cut, newest_id + 1)
-        if self._newest + 1 - cut > FILE_TAIL_MAX_IDS:
-            cut = self._newest + 1 - FILE_TAIL_MAX_IDS // 2
+        if not self._marks:
+            cut = self._newest + 1  # nothing unfiled: the mark passes every filed point at no cost
+        else:
+            cut = self.below
+            if self._marks[0][0] <= now_s - FILE_AFTER_S:
+                # Due: file what waited half as long too, so that filing (and the mark's write) comes in steps.
+                for committed_s, newest_id in self._marks:
+                    if committed_s > now_s - FILE_AFTER_S / 2:
+                        break
+                    cut = max(cut, newest_id + 1)
+            if self._newest + 1 - cut > FILE_TAIL_MAX_IDS:
+                cut = self._newest + 1 - FILE_TAIL_MAX_IDS // 2
         return cut if cut > self.below else None
 
     def filed(self, cut: int) -> None:

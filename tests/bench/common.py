@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeforward.points import PinType
-from edgeforward.store import Buffer
+from edgeforward.store import Buffer, filing
 from tests.conftest import Pty, toml_value
 
 TOKEN = "tok-bench-0123456789abcdef0123456"
@@ -178,6 +178,9 @@ def build_backlog(path: Path, points: int) -> None:
             (points, len(PINS), start_ms, span_ms, max(points, 1)),
         )
         conn.execute("INSERT INTO ledger (device_id, received, queued) VALUES (1, ?, ?)", (points, points))
+        # Every point is filed (in the pin index), as in a file the daemon wrote them into in bulk.
+        newest = conn.execute("SELECT COALESCE(MAX(id), 0) FROM points").fetchone()[0]
+        conn.execute(filing.SET_MARK, (str(newest + 1),))
         conn.execute("COMMIT")
         conn.execute("PRAGMA journal_mode = WAL")
     finally:
