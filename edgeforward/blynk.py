@@ -6,13 +6,13 @@ import asyncio
 import collections
 import contextlib
 import enum
+import json
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 import aiohttp
-import msgspec
 import structlog
 from yarl import URL
 
@@ -281,8 +281,8 @@ class BlynkClient:
 async def _error_text(response: aiohttp.ClientResponse) -> str:
     raw = await response.content.read(ERROR_BODY_MAX_BYTES)
     text = raw.decode("utf-8", "replace").strip()
-    with contextlib.suppress(msgspec.DecodeError, TypeError, KeyError, AttributeError):
-        decoded = msgspec.json.decode(raw)
+    with contextlib.suppress(ValueError, RecursionError, TypeError, KeyError, AttributeError):
+        decoded = json.loads(raw)
         message = decoded["error"]["message"]
         if isinstance(message, str):
             return message

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import msgspec
 import structlog
 from aiohttp import web
 
@@ -391,8 +390,21 @@ _http_logger = logging.getLogger(__name__ + ".http")
 _http_logger.addFilter(_RedactingFilter())
 
 
+def _json_text(data: object) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
 def _json_bytes(data: object) -> bytes:
-    return msgspec.json.encode(data)
+    return _json_text(data).encode()
+
+
+def _json_body(body: bytes) -> object:
+    """Decode a request body as strictly as the cloud: UTF-8 without a BOM, and no NaN or Infinity (ValueError)."""
+    return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"not JSON: {name}")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -404,7 +416,7 @@ def _error(status: int, message: str) -> web.Response:
 def _value_text(value: Value) -> str:
     if isinstance(value, str):
         return value
-    return _json_bytes(list(value) if isinstance(value, tuple) else value).decode()
+    return _json_text(list(value) if isinstance(value, tuple) else value)
 
 
 def _point_json(point: Received, label: str) -> dict[str, Any]:
@@ -742,8 +754,8 @@ class CloudSim:
             raise _Refusal(400, MSG_CONTENT_TYPE)
         body = await self._read_body(request)
         try:
-            entries = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+            entries = _json_body(body)
+        except (ValueError, RecursionError) as exc:
             raise _Refusal(400, MSG_VALUE) from exc
         if not isinstance(entries, list):
             raise _Refusal(400, MSG_VALUE)
@@ -760,10 +772,12 @@ class CloudSim:
             if type(ts) is not int or not 0 <= ts <= INT_MAX:
                 raise _Refusal(400, MSG_VALUE)
             try:
+                if isinstance(raw, str):
+                    raw.encode()  # a lone surrogate ("\\ud800") is no text
                 value = clamp(kind, parse_json_value(kind, raw), bounds)
             except ValueError as exc:
                 raise _Refusal(400, MSG_VALUE) from exc
-            self._check_refused(device, pin, raw if isinstance(raw, str) else _json_bytes(raw).decode())
+            self._check_refused(device, pin, raw if isinstance(raw, str) else _json_text(raw))
             points.append(Received(device.token, pin, ts, value, PATH_HISTORY, arrived))
         self._check_timestamps(points, arrived)
         state = self._state(device.token)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 import os
-import re
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-import msgspec
-from msgspec import Meta
+import attrs
+import cattrs
+from cattrs.cols import list_structure_factory, mapping_structure_factory
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.gen import make_dict_structure_fn
 
 from .errors import EdgeforwardError
 from .points import PIN_TYPE_NAMES, KeyProblem, PinType, line_columns, parse_pin_name
@@ -29,10 +33,35 @@ DEFAULT_BUFFER_PATH = "/var/lib/edgeforward/buffer.db"
 # Budgets, deliveries and state never wait it out (see store/writer.py), so history flows at any window.
 COMMIT_INTERVAL_MAX_MS = 10_000
 
-PositiveInt = Annotated[int, Meta(ge=1)]
-NonNegativeInt = Annotated[int, Meta(ge=0)]
-PositiveFloat = Annotated[float, Meta(gt=0)]
-NonNegativeFloat = Annotated[float, Meta(ge=0)]
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The range of a config number (or the shortest a string may be): the one place a key's limits are written."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    min_length: int | None = None
+
+    def problem(self, value: Any, kind: str) -> str | None:
+        """Why `value` (already of `kind`: int, float or str) is out of range, or None."""
+        if self.min_length is not None and len(value) < self.min_length:
+            return f"expected {kind} of length >= {self.min_length}"
+        shown: Callable[[float], str] = (lambda bound: repr(float(bound))) if kind == "float" else str
+        # Written so that NaN fails every bound.
+        if self.ge is not None and not value >= self.ge:
+            return f"expected {kind} >= {shown(self.ge)}"
+        if self.gt is not None and not value > self.gt:
+            return f"expected {kind} > {shown(self.gt)}"
+        if self.le is not None and not value <= self.le:
+            return f"expected {kind} <= {shown(self.le)}"
+        return None
+
+
+PositiveInt = Annotated[int, Bounds(ge=1)]
+NonNegativeInt = Annotated[int, Bounds(ge=0)]
+PositiveFloat = Annotated[float, Bounds(gt=0)]
+NonNegativeFloat = Annotated[float, Bounds(ge=0)]
 
 
 class ConfigError(EdgeforwardError):
@@ -43,32 +72,31 @@ class ConfigError(EdgeforwardError):
         self.problems = problems
 
 
-class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Base of every config table: immutable, unknown keys refused."""
-
-
-class Limits(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class Limits:
     """Plan limits of the Blynk device API (defaults: the free plan)."""
 
     points_per_day: NonNegativeInt = 10_000
     messages_per_month: NonNegativeInt = 100_000
     batch_max_points: PositiveInt = 10_000
-    max_request_bytes: Annotated[int, Meta(ge=1024)] = 2_000_000
+    max_request_bytes: Annotated[int, Bounds(ge=1024)] = 2_000_000
     requests_per_second: PositiveFloat = 50.0
     max_age_days: PositiveFloat = 30.0
     max_future_days: PositiveFloat = 30.0
 
 
-class CloudConfig(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class CloudConfig:
     """Where the cloud is and how long to wait for it."""
 
     server: str = DEFAULT_SERVER
     ca_file: str | None = None
     timeout_s: PositiveFloat = 30.0
-    limits: Limits = Limits()
+    limits: Limits = attrs.field(factory=Limits)
 
 
-class BufferConfig(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class BufferConfig:
     """The SQLite buffer file and its cap."""
 
     path: str = DEFAULT_BUFFER_PATH
@@ -76,10 +104,11 @@ class BufferConfig(_Table, frozen=True):
     max_bytes: NonNegativeInt = 0  # cap on the database file in bytes; 0 = none
     full_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     synchronous: Literal["FULL", "NORMAL", "full", "normal"] = "FULL"
-    commit_interval_ms: Annotated[float, Meta(ge=0, le=COMMIT_INTERVAL_MAX_MS)] = 5.0
+    commit_interval_ms: Annotated[float, Bounds(ge=0, le=COMMIT_INTERVAL_MAX_MS)] = 5.0
 
 
-class ForwardConfig(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class ForwardConfig:
     """How often each path to the cloud runs."""
 
     live_interval_s: NonNegativeFloat = 10.0
@@ -87,11 +116,12 @@ class ForwardConfig(_Table, frozen=True):
     retry_initial_s: PositiveFloat = 1.0
     retry_max_s: PositiveFloat = 60.0
     park_recheck_s: PositiveFloat = 300.0
-    live_share: Annotated[float, Meta(ge=0, le=1)] = 0.5
+    live_share: Annotated[float, Bounds(ge=0, le=1)] = 0.5
     over_quota: Literal["defer", "downsample"] = "defer"
 
 
-class NmeaPins(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class NmeaPins:
     """Pins that NMEA fixes are written to."""
 
     location: str | None = None
@@ -100,7 +130,8 @@ class NmeaPins(_Table, frozen=True):
     satellites: str | None = None
 
 
-class PortConfig(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class PortConfig:
     """One serial port (a device path or a pyserial URL)."""
 
     path: str
@@ -108,7 +139,7 @@ class PortConfig(_Table, frozen=True):
     format: Literal["kv", "json", "csv", "nmea"] = "kv"
     device: str | None = None
     ack: bool = False
-    max_line_bytes: Annotated[int, Meta(ge=16, le=1_048_576)] = 4096
+    max_line_bytes: Annotated[int, Bounds(ge=16, le=1_048_576)] = 4096
     columns: list[str] | None = None
     header: bool = False
     nmea: NmeaPins | None = None
@@ -116,7 +147,8 @@ class PortConfig(_Table, frozen=True):
     reset_on_open: bool = True  # false: closing leaves DTR/RTS as they are, so an Uno, Nano or Mega is not reset
 
 
-class PinSpec(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class PinSpec:
     """Type and range of one virtual pin."""
 
     type: PinType
@@ -126,31 +158,35 @@ class PinSpec(_Table, frozen=True):
     deadband: NonNegativeFloat | None = None  # live: a change this small does not earn a live update
 
 
-class _DeviceTable(_Table, frozen=True):
-    name: Annotated[str, Meta(min_length=1)]
+@attrs.frozen(kw_only=True)
+class _DeviceTable:
+    name: Annotated[str, Bounds(min_length=1)]
     token: str | None = None
     token_file: str | None = None
     token_env: str | None = None
     token_credential: str | None = None
-    pins: dict[str, Any] = {}
+    pins: dict[str, Any] = attrs.field(factory=dict)
     limits: dict[str, Any] | None = None
 
 
-class MetricsConfig(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class MetricsConfig:
     """Prometheus metrics and health endpoint (off unless `listen` is set)."""
 
     listen: str | None = None
     stale_after_s: PositiveFloat = 900.0
 
 
-class ClockConfig(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class ClockConfig:
     """When the wall clock is trusted for stamping readings (see clock.py for the "auto" rule)."""
 
     require_sync: Literal["auto"] | bool = "auto"
     previous_boots: Literal["hold", "stamp"] = "hold"
 
 
-class LogConfig(_Table, frozen=True):
+@attrs.frozen(kw_only=True)
+class LogConfig:
     """Logging level and rendering."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -213,7 +249,6 @@ _TOP_LEVEL = {
     "log": LogConfig,
     "clock": ClockConfig,
 }
-_AT_PATH = re.compile(r"^(?P<msg>.*?) - at `\$(?P<path>[^`]*)`$")
 
 
 def config_path(cli_value: str | None) -> Path:
@@ -260,10 +295,9 @@ def parse_config(raw: dict[str, Any], path: Path, *, read_tokens: bool = True) -
         ca_path = _resolve(base, cloud.ca_file)
         if not ca_path.is_file():
             problems.append(f"cloud.ca_file: no such file {ca_path}")
-        cloud = msgspec.structs.replace(cloud, ca_file=str(ca_path))
-    buffer = msgspec.structs.replace(
-        buffer, path=str(_resolve(base, buffer.path)), synchronous=buffer.synchronous.upper()
-    )
+        cloud = attrs.evolve(cloud, ca_file=str(ca_path))
+    synchronous: Literal["FULL", "NORMAL"] = "NORMAL" if buffer.synchronous.upper() == "NORMAL" else "FULL"
+    buffer = attrs.evolve(buffer, path=str(_resolve(base, buffer.path)), synchronous=synchronous)
     metrics: MetricsConfig = tables["metrics"]
     if metrics.listen is not None and _split_listen(metrics.listen) is None:
         problems.append(f'metrics.listen: expected "HOST:PORT", got "{metrics.listen}"')
@@ -462,45 +496,202 @@ def _check_nmea_pins(nmea: NmeaPins, device: Device, where: str, problems: list[
             )
 
 
+# ---------------------------------------------------------------- structuring TOML into the tables
+#
+# cattrs builds the tables (unknown keys refused, every problem of a table collected); the hooks below make it
+# strict the way TOML's types are: no str -> int, a bool is not an int, an int is a float. Problems keep the
+# wording the config has always had ("expected int >= 0", "expected str | null, got int"): a TOML value's kind
+# is named as below, and a union's kinds come in this order.
+
+_KIND_NAMES: dict[type, str] = {
+    bool: "bool",
+    int: "int",
+    float: "float",
+    str: "str",
+    datetime: "datetime",
+    date: "date",
+    time: "time",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
+_KIND_ORDER = list(_KIND_NAMES.values())
+
+
+class _Invalid(ValueError):
+    """A value of the wrong kind or out of range; the message is the problem, without its key path."""
+
+
+class _BadChoice(ValueError):
+    """A string that is none of a key's choices (the key's type lists them)."""
+
+    def __init__(self, value: str) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+def _kind_name(value: Any) -> str:
+    return _KIND_NAMES.get(type(value), type(value).__name__)
+
+
+def _arms(kind: Any) -> list[tuple[str, tuple[type, ...]]]:
+    """The kinds of TOML value a config type admits: (name, the Python types TOML gives them)."""
+    origin = get_origin(kind)
+    if origin is Annotated:
+        return _arms(get_args(kind)[0])
+    if _is_union(kind):
+        return [arm for member in get_args(kind) for arm in _arms(member)]
+    if origin is Literal or (isinstance(kind, type) and issubclass(kind, enum.Enum)):
+        return [("str", (str,))]
+    if kind is float:
+        return [("float", (int, float))]
+    if kind in (list, dict) or origin in (list, dict):
+        base = origin or kind
+        return [(_KIND_NAMES[base], (base,))]
+    if attrs.has(kind):
+        return [("object", (dict,))]
+    return [(_KIND_NAMES[kind], (kind,))]
+
+
+def _expected(kind: Any) -> str:
+    names = {name for name, _ in _arms(kind)}
+    return " | ".join(sorted(names, key=_KIND_ORDER.index))
+
+
+def _check_kind(value: Any, kind: Any) -> None:
+    if not any(type(value) in accepted for _, accepted in _arms(kind)):
+        raise _Invalid(f"expected {_expected(kind)}, got {_kind_name(value)}")
+
+
+def _scalar(value: Any, kind: Any) -> Any:
+    _check_kind(value, kind)
+    return float(value) if kind is float else value
+
+
+def _choice(value: Any, kind: Any) -> Any:
+    _check_kind(value, kind)
+    if value not in _choices(kind):
+        raise _BadChoice(value)
+    return kind(value) if isinstance(kind, type) else value
+
+
+def _choices(kind: Any) -> list[Any]:
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return [member.value for member in kind]
+    return list(get_args(kind))
+
+
+def _union(kind: Any) -> Callable[[Any, Any], Any]:
+    hooks = [
+        (frozenset(t for _, accepted in _arms(arm) for t in accepted), arm, _converter.get_structure_hook(arm))
+        for arm in get_args(kind)
+    ]
+
+    def structure(value: Any, _: Any) -> Any:
+        for accepted, arm, hook in hooks:
+            if type(value) in accepted:
+                return hook(value, arm)
+        raise _Invalid(f"expected {_expected(kind)}, got {_kind_name(value)}")
+
+    return structure
+
+
+def _bounded(kind: Any) -> Callable[[Any, Any], Any]:
+    base, *metadata = get_args(kind)
+    hook = _converter.get_structure_hook(base)
+    bounds = [meta for meta in metadata if isinstance(meta, Bounds)]
+
+    def structure(value: Any, _: Any) -> Any:
+        structured = hook(value, base)
+        for bound in bounds:
+            if problem := bound.problem(structured, _expected(base)):
+                raise _Invalid(problem)
+        return structured
+
+    return structure
+
+
+def _checked(factory: Callable[[Any, cattrs.Converter], Callable[[Any, Any], Any]]) -> Any:
+    """A cattrs hook factory for containers, after a check that the value is one (cattrs iterates any iterable)."""
+
+    def make(kind: Any) -> Callable[[Any, Any], Any]:
+        hook = factory(kind, _converter)
+
+        def structure(value: Any, _: Any) -> Any:
+            _check_kind(value, kind)
+            return hook(value, kind)
+
+        return structure
+
+    return make
+
+
+def _is_bounded(kind: Any) -> bool:
+    return get_origin(kind) is Annotated and any(isinstance(meta, Bounds) for meta in get_args(kind)[1:])
+
+
+def _is_choice(kind: Any) -> bool:
+    return get_origin(kind) is Literal or (isinstance(kind, type) and issubclass(kind, enum.Enum))
+
+
+def _is_union(kind: Any) -> bool:
+    return get_origin(kind) in (Union, types.UnionType)
+
+
+def _is_list(kind: Any) -> bool:
+    return get_origin(kind) is list
+
+
+def _is_dict(kind: Any) -> bool:
+    return get_origin(kind) is dict
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+for _type in (bool, int, float, str, type(None)):
+    _converter.register_structure_hook(_type, _scalar)
+_converter.register_structure_hook(enum.StrEnum, _choice)  # by class, like str's hook, which it comes before
+_converter.register_structure_hook_func(_is_choice, _choice)
+_converter.register_structure_hook_factory(_is_union, _union)
+_converter.register_structure_hook_factory(_is_bounded, _bounded)
+_converter.register_structure_hook_factory(_is_list, _checked(list_structure_factory))
+_converter.register_structure_hook_factory(_is_dict, _checked(mapping_structure_factory))
+_converter.register_structure_hook_factory(attrs.has, _checked(make_dict_structure_fn))
+
+
 def _convert(value: Any, target: type[T], where: str, problems: list[str]) -> T | None:
+    """Structure one table (or a value) of the config; add its problems, each with its key path, and give None."""
     try:
-        return msgspec.convert(value, target, strict=True)
-    except msgspec.ValidationError as exc:
-        problems.append(_locate(str(exc), where, target))
+        return _converter.structure(value, target)
+    except (_Invalid, _BadChoice, ClassValidationError, IterableValidationError) as exc:
+        problems.extend(_describe(exc, where, target))
         return None
 
 
-def _locate(message: str, where: str, target: Any = None) -> str:
-    match = _AT_PATH.match(message)
-    text, path = (match.group("msg"), match.group("path")) if match else (message, "")
-    full = f"{where}{path}"
-    unknown = re.match(r"Object contains unknown field `([^`]*)`", text)
-    if unknown:
-        return f"{full}.{unknown.group(1)}: unknown key"
-    missing = re.match(r"Object missing required field `([^`]*)`", text)
-    if missing:
-        return f"{full}.{missing.group(1)}: missing"
-    enum = re.match(r"Invalid enum value (.*)$", text)
-    choices = _choices_at(target, path) if enum else None
-    if enum and choices:
-        shown = '"' + enum.group(1).strip("'") + '"' if enum.group(1).startswith("'") else enum.group(1)
-        return f"{full}: expected one of {'|'.join(choices)}, got {shown}"
-    return f"{full}: {_soften(text)}"
-
-
-def _choices_at(target: Any, path: str) -> list[str]:
-    """The valid values of the enum-like key at `path` (".format", ".limits.x") of a config table type."""
-    kind = target
-    for name in path.lstrip(".").split("."):
-        fields = {f.name: f.type for f in msgspec.structs.fields(kind)} if _is_table(kind) else {}
-        if name not in fields:
-            return []
-        kind = fields[name]
-    return _literals(kind)
-
-
-def _is_table(kind: Any) -> bool:
-    return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+def _describe(exc: BaseException, where: str, kind: Any) -> Iterator[str]:
+    """The problems an exception from structuring says, `where` being the key path to what it structured."""
+    if isinstance(exc, ClassValidationError):
+        located, others = exc.group_exceptions()
+        for sub, attribute in located:
+            yield from _describe(sub, f"{where}.{attribute.name}", attribute.type)
+        for sub in others:
+            yield from _describe(sub, where, kind)
+    elif isinstance(exc, IterableValidationError):
+        indexed, rest = exc.group_exceptions()
+        for sub, item in indexed:
+            yield from _describe(sub, f"{where}[{item.index}]", item.type)
+        for sub in rest:
+            yield from _describe(sub, where, kind)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        yield from (f"{where}.{key}: unknown key" for key in sorted(exc.extra_fields))
+    elif isinstance(exc, KeyError):  # structuring a table reads each required key
+        yield f"{where}: missing"
+    elif isinstance(exc, _BadChoice):
+        shown = repr(exc.value)
+        if shown.startswith("'"):
+            shown = f'"{shown[1:-1]}"'
+        yield f"{where}: expected one of {'|'.join(_literals(kind))}, got {shown}"
+    else:
+        yield f"{where}: {exc}"
 
 
 def _literals(kind: Any) -> list[str]:
@@ -509,9 +700,9 @@ def _literals(kind: Any) -> list[str]:
     values: list[str] = []
     if origin is Annotated:
         values = _literals(get_args(kind)[0])
-    elif origin is Literal:
-        values = [str(arg) for arg in get_args(kind)]
-    elif origin in (Union, types.UnionType):
+    elif _is_choice(kind):
+        values = [str(choice) for choice in _choices(kind)]
+    elif _is_union(kind):
         values = [value for arm in get_args(kind) for value in _literals(arm)]
     elif kind is bool:
         values = ["true", "false"]
@@ -519,11 +710,6 @@ def _literals(kind: Any) -> list[str]:
     for value in values:
         shown.setdefault(value.lower(), value)
     return list(shown.values())
-
-
-def _soften(message: str) -> str:
-    text = message.replace("`", "")
-    return text[:1].lower() + text[1:]
 
 
 def _kind(value: Any) -> str:

@@ -296,11 +296,28 @@ async def test_history_bad_entry_refuses_whole_batch(
     assert sim.received == []
 
 
-async def test_history_refuses_malformed_json(sim: CloudSim, http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize(
+    ("pin", "body"),
+    [
+        ("v1", b"[[1,"),
+        ("v1", b"[[1,NaN]]"),
+        ("v1", b"[[1,-Infinity]]"),
+        ("v1", b"[[1,1e999]]"),
+        ("v1", b"\xef\xbb\xbf[[1,1.0]]"),  # a UTF-8 BOM
+        ("v1", "[[1,1.0]]".encode("utf-16")),
+        ("v3", b'[[1,"\xff"]]'),
+        ("v3", b'[[1,"\\ud800"]]'),  # a lone surrogate
+        ("v1", b"[" * 100_000 + b"]" * 100_000),
+    ],
+)
+async def test_history_refuses_malformed_json(
+    sim: CloudSim, http: aiohttp.ClientSession, pin: str, body: bytes
+) -> None:
     status, text = await call(
-        http, sim, "POST", f"/external/api/batch/update?token={PUMP}&pin=v1", data=b"[[1,", headers=JSON
+        http, sim, "POST", f"/external/api/batch/update?token={PUMP}&pin={pin}", data=body, headers=JSON
     )
     assert (status, error_of(text)) == (400, MSG_VALUE)
+    assert sim.received == []
 
 
 @pytest.mark.parametrize("headers", [{}, {"Content-Type": "text/plain"}])

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import msgspec
+import attrs
 import pytest
 
 from edgeforward.config import ConfigError, config_path, load_config, parse_config
@@ -130,11 +130,95 @@ def test_load_config_file_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         config_path(None)
 
 
-def test_limits_struct_is_typed() -> None:
-    from edgeforward.config import Limits
+def test_limits_table_is_typed() -> None:
+    from edgeforward.config import Limits, _convert
 
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.convert({"requests_per_second": "fast"}, Limits, strict=True)
+    problems: list[str] = []
+    assert _convert({"requests_per_second": "fast"}, Limits, "cloud.limits", problems) is None
+    assert problems == ["cloud.limits.requests_per_second: expected float, got str"]
+    limits = _convert({"requests_per_second": 5, "points_per_day": 0}, Limits, "cloud.limits", problems)
+    assert limits == Limits(requests_per_second=5.0, points_per_day=0)
+    assert type(limits.requests_per_second) is float
+
+
+# What TOML gives and what the config says of it, word for word: the wording users and their scripts know.
+WORDING = [
+    ({"cloud": {"limits": {"points_per_day": -1}}}, ["cloud.limits.points_per_day: expected int >= 0"]),
+    ({"cloud": {"limits": {"points_per_day": "5"}}}, ["cloud.limits.points_per_day: expected int, got str"]),
+    ({"cloud": {"limits": {"points_per_day": 5.0}}}, ["cloud.limits.points_per_day: expected int, got float"]),
+    ({"cloud": {"limits": {"points_per_day": True}}}, ["cloud.limits.points_per_day: expected int, got bool"]),
+    (
+        {"cloud": {"limits": {"requests_per_second": True}}},
+        ["cloud.limits.requests_per_second: expected float, got bool"],
+    ),
+    ({"cloud": {"limits": {"requests_per_second": 0}}}, ["cloud.limits.requests_per_second: expected float > 0.0"]),
+    ({"cloud": {"limits": {"max_age_days": float("nan")}}}, ["cloud.limits.max_age_days: expected float > 0.0"]),
+    ({"cloud": {"limits": {"max_request_bytes": 10}}}, ["cloud.limits.max_request_bytes: expected int >= 1024"]),
+    ({"cloud": {"limits": {"bogus": 1}}}, ["cloud.limits.bogus: unknown key"]),
+    ({"cloud": {"limits": [1]}}, ["cloud.limits: expected object, got array"]),
+    ({"cloud": "x"}, ["cloud: expected object, got str"]),
+    ({"cloud": {"server": {"a": 1}}}, ["cloud.server: expected str, got object"]),
+    ({"cloud": {"ca_file": 5}}, ["cloud.ca_file: expected str | null, got int"]),
+    ({"buffer": {"synchronous": True}}, ["buffer.synchronous: expected str, got bool"]),
+    ({"buffer": {"commit_interval_ms": 10_001}}, ["buffer.commit_interval_ms: expected float <= 10000.0"]),
+    ({"buffer": {"commit_interval_ms": -1}}, ["buffer.commit_interval_ms: expected float >= 0.0"]),
+    ({"forward": {"live_share": 1.5}}, ["forward.live_share: expected float <= 1.0"]),
+    ({"clock": {"require_sync": 1}}, ["clock.require_sync: expected bool | str, got int"]),
+    ({"log": {"level": "INFO"}}, ['log.level: expected one of debug|info|warning|error, got "INFO"']),
+    ({"port": [{"device": "pump"}]}, ["port[0].path: missing"]),
+    ({"port": [{"path": "/dev/x", "ack": 1}]}, ["port[0].ack: expected bool, got int"]),
+    ({"port": [{"path": "/dev/x", "max_line_bytes": 2_000_000}]}, ["port[0].max_line_bytes: expected int <= 1048576"]),
+    ({"port": [{"path": "/dev/x", "columns": "ts,v1"}]}, ["port[0].columns: expected array | null, got str"]),
+    ({"port": [{"path": "/dev/x", "columns": ["ts", 1]}]}, ["port[0].columns[1]: expected str, got int"]),
+    ({"port": [{"path": "/dev/x", "nmea": "v1"}]}, ["port[0].nmea: expected object | null, got str"]),
+    ({"port": [{"path": "/dev/x", "nmea": {"loc": "v1"}}]}, ["port[0].nmea.loc: unknown key"]),
+    ({"port": [5]}, ["port[0]: expected object, got int"]),
+    ({"device": [device(name="")]}, ["device[0].name: expected str of length >= 1"]),
+    ({"device": [{"token": TOKEN}]}, ["device[0].name: missing"]),
+    ({"device": [device(pins=["v1"])]}, ["device[0].pins: expected object, got array"]),
+    ({"device": [device(limits="x")]}, ["device[0].limits: expected object | null, got str"]),
+    (
+        {"device": [device(pins={"v1": {"type": "double", "min": True}})]},
+        ["device[0].pins.v1.min: expected float | null, got bool"],
+    ),
+    (
+        {"device": [device(pins={"v1": {"type": "double", "min": 5, "max": 1}})]},
+        ["device[0].pins.v1.min: 5.0 is above max 1.0"],
+    ),
+    ({"device": [device(pins={"v1": {"type": "double", "unit": "C"}})]}, ["device[0].pins.v1.unit: unknown key"]),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), WORDING)
+def test_problem_wording(raw: dict[str, Any], expected: list[str], tmp_path: Path) -> None:
+    assert problems_of({"device": [device()], **raw}, tmp_path) == expected
+
+
+def test_every_problem_of_one_table_is_listed(tmp_path: Path) -> None:
+    raw = {"cloud": {"timeout_s": "x", "server": 5, "zz": 1, "bogus": 1}, "port": [{"baud": 0}], "device": [device()]}
+    assert problems_of(raw, tmp_path) == [
+        "cloud.server: expected str, got int",
+        "cloud.timeout_s: expected float, got str",
+        "cloud.bogus: unknown key",
+        "cloud.zz: unknown key",
+        "port[0].path: missing",
+        "port[0].baud: expected int >= 1",
+    ]
+
+
+def test_toml_values_convert_as_they_did(tmp_path: Path) -> None:
+    raw = {
+        "cloud": {"timeout_s": 5, "limits": {"max_age_days": float("inf")}},
+        "clock": {"require_sync": False},
+        "port": [{"path": "/dev/x", "device": "pump", "columns": ["ts", "v1"], "format": "csv"}],
+        "device": [device(pins={"v1": {"type": "double", "min": 0, "max": 10}})],
+    }
+    config = parse_config(raw, tmp_path / "edgeforward.toml")
+    assert type(config.cloud.timeout_s) is float and config.cloud.limits.max_age_days == float("inf")
+    assert config.clock.require_sync is False
+    assert config.ports[0].columns == ["ts", "v1"]
+    spec = config.devices[0].pins[1]
+    assert (spec.type, spec.min, spec.max) == (PinType.DOUBLE, 0.0, 10.0) and type(spec.min) is float
 
 
 def test_without_reading_tokens_sources_are_checked_for_form_only(tmp_path: Path) -> None:
@@ -249,11 +333,11 @@ _KEY_RE = re.compile(r"^(?:# )?([a-z_0-9]+)\s*=\s*(.*)$")
 
 
 def _schema() -> dict[str, set[str]]:
-    """Every key the config accepts, by table, from the msgspec Structs that decode it."""
+    """Every key the config accepts, by table, from the attrs classes that decode it."""
     from edgeforward import config as model
 
     def keys(struct: Any, *skip: str) -> set[str]:
-        return {f.name for f in msgspec.structs.fields(struct)} - set(skip)
+        return {f.name for f in attrs.fields(struct)} - set(skip)
 
     tables = {name: keys(struct, "limits") for name, struct in model._TOP_LEVEL.items()}  # [cloud.limits] below
     return {

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
 import aiosqlite
-import msgspec
 import structlog
 
 from ..points import Point, value_json
@@ -1199,7 +1198,7 @@ class Buffer:
             return 0
         async with conn.execute(
             "DELETE FROM points WHERE id IN (SELECT value FROM json_each(?))",
-            (msgspec.json.encode(list(ids)).decode(),),
+            (json.dumps(list(ids), separators=(",", ":")),),
         ) as cursor:
             return int(cursor.rowcount)
 

@@ -20,7 +20,7 @@ TARGETS_MB = {1: 45.0, 8: 50.0}
 # library (rich, prometheus_client and aiohttp.web are for other commands and [metrics]).
 BASELINE_CODE = """
 import asyncio, sqlite3, ssl
-import aiohttp, aiosqlite, msgspec, serial, structlog
+import aiohttp, aiosqlite, attrs, cattrs, serial, structlog
 print("ready", flush=True)
 asyncio.run(asyncio.Event().wait())
 """
