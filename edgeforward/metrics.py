@@ -88,7 +88,7 @@ class DaemonView:
             devices.append(
                 DeviceReading(
                     name=name,
-                    ledger=await self.buffer.ledger(name),
+                    ledger=await self.buffer.ledger(name, settle=False),
                     points_today=budget.points_day,
                     messages_this_month=budget.messages_month,
                     points_left=forwarder.guard.points_room(now),

@@ -169,7 +169,7 @@ async def status_line(buffer: Buffer, forwarders: Mapping[str, Forwarder]) -> st
     """Return the one-line STATUS= text: queued and delivered counts and the devices' states."""
     delivered = 0
     for name in forwarders:
-        ledger = await buffer.ledger(name)
+        ledger = await buffer.ledger(name, settle=False)
         delivered += ledger["delivered_live"] + ledger["delivered_history"]
     states = ", ".join(f"{name} {_device_status(forwarder.snapshot())}" for name, forwarder in forwarders.items())
     return f"queued {buffer.queued_total}, delivered {delivered}; {states}"

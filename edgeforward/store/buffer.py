@@ -1494,13 +1494,15 @@ class Buffer:
         return oldest
 
     @_reading
-    async def ledger(self, device: str) -> dict[str, int]:
-        """Return a device's ledger counters (the deliveries still riding along committed first)."""
+    async def ledger(self, device: str, *, settle: bool = True) -> dict[str, int]:
+        """Return a device's ledger counters: with `settle`, the deliveries still riding along committed first;
+        without (a periodic report: STATUS=, metrics), as the file has them, never waiting for a commit."""
         device_id = self._device_ids.get(device)
         counts = dict.fromkeys(LEDGER_FIELDS, 0)
         if device_id is None:
             return counts
-        await self._settle_deliveries()
+        if settle:
+            await self._settle_deliveries()
         async with self._reader().execute(
             f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger WHERE device_id = ?", (device_id,)
         ) as cursor:
