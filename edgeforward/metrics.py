@@ -93,7 +93,7 @@ class DaemonView:
                     messages_this_month=budget.messages_month,
                     points_left=forwarder.guard.points_room(now),
                     messages_left=forwarder.guard.messages_left(now),
-                    oldest_ts_ms=await self.buffer.oldest_ts(name),
+                    oldest_ts_ms=await self.buffer.oldest_ts(name, settle=False),
                     forward=forwarder.snapshot(),
                 )
             )

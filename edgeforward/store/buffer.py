@@ -1397,12 +1397,13 @@ class Buffer:
         return str(row[0]) if row else None
 
     @_reading
-    async def pins_queued(self, device: str) -> list[int]:
+    async def pins_queued(self, device: str, *, settle: bool = True) -> list[int]:
         """Return the pins that have queued points (the unfiled ones, then a skip-scan over the index)."""
         device_id = self._device_ids.get(device)
         if device_id is None:
             return []
-        await self._settle_deliveries()
+        if settle:  # see `ledger`
+            await self._settle_deliveries()
         conn = self._reader()
         async with conn.execute(filing.UNFILED_PINS, (device_id,)) as cursor:
             pins = {int(row[0]) async for row in cursor}
@@ -1479,13 +1480,13 @@ class Buffer:
         return int(row[0]) if row else 0
 
     @_reading
-    async def oldest_ts(self, device: str) -> int | None:
+    async def oldest_ts(self, device: str, *, settle: bool = True) -> int | None:
         """Return the timestamp of the device's oldest queued point."""
         oldest: int | None = None
         device_id = self._device_ids.get(device)
         if device_id is None:
             return None
-        for pin in await self.pins_queued(device):
+        for pin in await self.pins_queued(device, settle=settle):
             async with self._reader().execute(filing.OLDEST_TS, (device_id, pin) * 2) as cursor:
                 row = await cursor.fetchone()
             for ts in row or ():
