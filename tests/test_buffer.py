@@ -266,3 +266,27 @@ async def test_resend_window_is_written_with_the_points_and_pruned(
             await buf.submit(big, resend=("/dev/ttyACM0", 6, 6000, BASE_TS + 6))
         await buf.set_page_limit(1_000_000)
         assert [row[0] for row in await buf.resend_window("/dev/ttyACM0")] == [3, 4, 5]
+
+
+# deliveries that ride later commits --------------------------------------------------------------------------
+
+
+async def test_a_later_delivery_commits_before_any_read_and_before_the_next_budget(buffer: Buffer) -> None:
+    await buffer.submit(points("pump", 1, 1) + points("pump", 2, 1))
+    batch = await buffer.oldest("pump", 1, 10)
+    commits = buffer.commits
+    future = buffer.deliver_later("pump", [p.id for p in batch], "history")
+    assert not future.done()  # returned at once: it rides a later commit
+    assert await buffer.oldest("pump", 1, 10) == []  # the read committed it first
+    assert await future == 1 and buffer.commits == commits + 1
+    assert (await buffer.ledger("pump"))["delivered_history"] == 1
+
+    batch = await buffer.oldest("pump", 2, 10)
+    buffer.deliver_later("pump", [p.id for p in batch], "history")
+    await buffer.spend("pump", BASE_TS / 1000, messages=1, points=1)  # the next request commits the delivery
+    with sqlite3.connect(buffer.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM points WHERE pin = 2").fetchone() == (0,)
+
+
+async def test_a_later_delivery_of_an_unknown_device_is_nothing(buffer: Buffer) -> None:
+    assert await buffer.deliver_later("nobody", [1, 2], "live") == 0

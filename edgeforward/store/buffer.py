@@ -1019,8 +1019,9 @@ class Buffer:
 
     async def deliver(self, device: str, ids: Sequence[int], path: DeliveryPath) -> int:
         """Delete points the cloud answered 200 for and count them delivered; return once committed."""
-        column = "delivered_live" if path == "live" else "delivered_history"
-        return await self._remove(device, ids, column)
+        future = self.deliver_later(device, ids, path)
+        await self._settle_deliveries()
+        return await future
 
     def deliver_later(self, device: str, ids: Sequence[int], path: DeliveryPath) -> asyncio.Future[int]:
         """Delete delivered points with a later commit (at most DELIVERY_WAIT_S away); the future says how many.
