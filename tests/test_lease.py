@@ -49,7 +49,7 @@ async def test_a_lease_counts_requests_without_a_commit_each_and_a_clean_stop_ma
 
 async def test_after_a_crash_the_reservation_counts_as_spent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "buffer.db"
-    monkeypatch.setattr(Buffer, "_release_leases", _no_release)  # the process dies before its clean stop
+    monkeypatch.setattr(Buffer, "_close_books", _no_release)  # the process dies before its clean stop
     async with open_buffer(path) as buf:
         await buf.device_id("pump")
         for _ in range(3):

@@ -19,7 +19,7 @@ import pytest
 
 from edgeforward.cloudsim import CloudSim
 from edgeforward.points import Point
-from edgeforward.store import Buffer, StoreClosedError, StoreError, StoreFullError
+from edgeforward.store import Buffer, StoreClosedError, StoreError, StoreFullError, queries
 from edgeforward.store.recovery import BUILDING_SUFFIX, BUILT_SUFFIX
 
 from .conftest import TOKEN, DaemonProcess, Pty, edgeforward, ledger_adds_up, open_buffer, wait_for, write_config
@@ -195,10 +195,15 @@ def _logged(daemon: DaemonProcess, event: str) -> bool:
 
 def ledger_of(path: Path) -> dict[str, int]:
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        row = db.execute(
-            "SELECT received, delivered_history, queued, dropped, (SELECT COUNT(*) FROM points) FROM ledger"
-        ).fetchone()
-    return dict(zip(("received", "delivered", "queued", "dropped", "stored"), row, strict=True))
+        total = queries.ledger_total(db)
+        stored = int(db.execute("SELECT COUNT(*) FROM points").fetchone()[0])
+    return {
+        "received": total["received"],
+        "delivered": total["delivered_history"],
+        "queued": total["queued"],
+        "dropped": total["dropped"],
+        "stored": stored,
+    }
 
 
 async def test_kill9_during_recovery_at_random_points_keeps_the_ledger_exact(

@@ -24,7 +24,7 @@ from ..points import Point, value_json
 from ..redact import redact
 from ..servers import ServerError, remembered_target
 from ..timebase import utc_day, utc_month
-from . import capacity, filing, schema
+from . import capacity, counting, filing, schema
 from .errors import (
     IngestFailedError,
     StoreClosedError,
@@ -44,6 +44,7 @@ from .schema import (
     META_HELD_UNSTAMPED,
     META_INGEST_FAILED,
     PAGE_CACHE_KIB,
+    SET_META,
     WAL_AUTOCHECKPOINT_PAGES,
 )
 from .writer import (
@@ -226,6 +227,9 @@ class Buffer:
         self._leases: dict[int, Lease] = {}  # device id -> its budget lease (store/lease.py)
         self._newest_unfiled = 0  # the newest unfiled row id the running transaction added (0: none)
         self._newest_filed = 0  # ... and the newest filed one
+        self._uncounted = 0  # readings this buffer committed into the ledger's tail since its last fold
+        self._folded_at: float | None = None  # when the last fold was committed (monotonic s; None: not yet)
+        self._removed_rows = False  # whether the running transaction removed points (the mark may need lowering)
 
     # opening and closing ----------------------------------------------------------------------------
 
@@ -408,7 +412,7 @@ class Buffer:
                         detail="the disk is full: these counts and states could not be written",
                     )
                 with contextlib.suppress(sqlite3.Error):
-                    await self._release_leases()
+                    await self._close_books()
                 # PASSIVE, not TRUNCATE: the WAL keeps its blocks for the next start (no regrowth).
                 with contextlib.suppress(sqlite3.Error):
                     await self._pragma(self._write, "wal_checkpoint(PASSIVE)")
@@ -706,6 +710,8 @@ class Buffer:
         results: list[Any] = []
         queued_before, device_ids_before = self._queued_total, dict(self._device_ids)
         self._newest_unfiled = self._newest_filed = 0
+        self._removed_rows = False
+        uncounted_before = self._uncounted
         await conn.execute("BEGIN IMMEDIATE")
         cut: int | None = None
         try:
@@ -724,7 +730,7 @@ class Buffer:
                 results.append(await op.fn(conn))
             if self._ingest_failed_dirty:
                 await conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    SET_META,
                     (META_INGEST_FAILED, json.dumps(self._ingest_failed, sort_keys=True)),
                 )
             if self._newest_unfiled:
@@ -732,15 +738,21 @@ class Buffer:
             if self._newest_filed:
                 self._filing.seen(self._newest_filed)
             cut = await self._file(conn)
+            folded = await self._fold(conn)
+            if self._removed_rows:
+                await conn.execute(counting.CLAMP)
             await conn.execute("COMMIT")
         except BaseException:
             self._queued_total, self._device_ids = queued_before, device_ids_before
+            self._uncounted = uncounted_before
             with contextlib.suppress(sqlite3.Error):
                 await conn.execute("ROLLBACK")
             raise
         self._ingest_failed_dirty = False
         if cut is not None:
             self._filing.filed(cut)
+        if folded:
+            self._uncounted, self._folded_at = 0, self._clock()
         if ops:
             self._freed_rows += max(0, queued_before_ops - self._queued_total)
         return committed, results
@@ -755,6 +767,30 @@ class Buffer:
         if row and following < filing.mark_of(row[1]):  # the file's mark: this transaction may yet roll back
             await conn.execute(filing.SET_MARK, (str(following),))
             self._filing = FilingPlan(min(following, self._filing.below))
+
+    async def _fold(self, conn: aiosqlite.Connection, *, force: bool = False) -> bool:
+        """Count the ledger's tail into it (store/counting.py) when due, riding this commit; return whether it did.
+
+        Like filing, on a full disk it is left for later: a read counts the tail anyway.
+        """
+        now = self._clock()
+        if self._folded_at is None:
+            self._folded_at = now
+        due = self._uncounted >= counting.FOLD_TAIL_MAX_ROWS or now - self._folded_at >= counting.FOLD_EVERY_S
+        if not (force or (self._uncounted and due)) or self._full_since is not None or self._reserve_released:
+            return False
+        await conn.execute("SAVEPOINT fold")
+        try:
+            await conn.execute(counting.FOLD)
+            await conn.execute(counting.PASS_TAIL)
+        except sqlite3.Error as exc:
+            await conn.execute("ROLLBACK TO fold")
+            await conn.execute("RELEASE fold")
+            if not is_full(exc):
+                raise
+            return False
+        await conn.execute("RELEASE fold")
+        return True
 
     async def _file(self, conn: aiosqlite.Connection) -> int | None:
         """File the points that waited long enough (store/filing.py), riding this commit; return the new mark.
@@ -901,7 +937,7 @@ class Buffer:
         self._fail_readings(pending, StoreClosedError(str(exc)))
 
     async def _read_queued_total(self) -> int:
-        async with self._connection().execute("SELECT COALESCE(SUM(queued), 0) FROM ledger") as cursor:
+        async with self._connection().execute(counting.QUEUED_TOTAL) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
@@ -944,8 +980,8 @@ class Buffer:
                 self._newest_filed = max(self._newest_filed, newest)
             else:
                 self._newest_unfiled = max(self._newest_unfiled, newest)
-        for name, (_, count) in per_device.items():
-            await self._add_ledger(conn, self._device_ids[name], received=count[0], queued=count[0])
+        # Counted by being in the tail (store/counting.py): the ledger's page is left alone.
+        self._uncounted += len(rows)
         self._queued_total += len(accepted)
         return [Committed(name, frozenset(pins), count[0]) for name, (pins, count) in per_device.items()]
 
@@ -967,25 +1003,22 @@ class Buffer:
     async def _drop_oldest(self, conn: aiosqlite.Connection, count: int) -> int:
         if count <= 0:
             return 0
-        per_device: dict[int, int] = {}
-        left = count
-        # Held readings (no wall time yet) go only when no sendable point is left to drop.
-        for table in ("points", "held"):
+        per_device = await self._delete_points(
+            conn, "DELETE FROM points WHERE id IN (SELECT id FROM points ORDER BY id LIMIT ?)", (count,)
+        )
+        left = count - sum(removed for removed, _ in per_device.values())
+        if left > 0:  # held readings (no wall time yet) go only when no sendable point is left to drop
             async with conn.execute(
-                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT ?) RETURNING device_id",
-                (left,),
+                "DELETE FROM held WHERE id IN (SELECT id FROM held ORDER BY id LIMIT ?) RETURNING device_id", (left,)
             ) as cursor:
                 async for (device_id,) in cursor:
-                    per_device[device_id] = per_device.get(device_id, 0) + 1
-                    left -= 1
-            if left <= 0:
-                break
-        for device_id, dropped in per_device.items():
-            await self._add_ledger(conn, device_id, queued=-dropped, dropped=dropped)
-            self._queued_total -= dropped
+                    removed, in_tail = per_device.get(device_id, (0, 0))
+                    per_device[device_id] = (removed + 1, in_tail)
+        for device_id, (dropped, in_tail) in per_device.items():
+            await self._count_removed(conn, device_id, dropped, in_tail, "dropped")
         if per_device:
-            log.warning("buffer_full_dropped_oldest", points=sum(per_device.values()))
-        return sum(per_device.values())
+            log.warning("buffer_full_dropped_oldest", points=sum(removed for removed, _ in per_device.values()))
+        return sum(removed for removed, _ in per_device.values())
 
     async def _device_id(self, conn: aiosqlite.Connection, name: str) -> int:
         device_id = self._device_ids.get(name)
@@ -1050,20 +1083,27 @@ class Buffer:
             await asyncio.gather(*(asyncio.shield(f) for f in list(self._unsettled)), return_exceptions=True)
 
     async def expire(self, device: str, before_ts_ms: int, *, pin: int) -> int:
-        """Delete a pin's points older than `before_ts_ms` and count them expired."""
+        """Delete a pin's points older than `before_ts_ms` and count them expired.
+
+        Looked up first: a check that finds nothing to expire (nearly every one) is no commit of its own.
+        """
         device_id = await self.device_id(device)
+        oldest = await self._oldest_of_pin(device_id, pin)
+        if oldest is None or oldest >= before_ts_ms:
+            return 0
 
         async def op(conn: aiosqlite.Connection) -> int:
-            count = 0
+            count = in_tail = 0
             for where in (FILED, UNFILED):
-                async with conn.execute(
+                removed = await self._delete_points(
+                    conn,
                     f"DELETE FROM points WHERE device_id = ? AND pin = ? AND ts < ? AND {where}",
                     (device_id, pin, before_ts_ms),
-                ) as cursor:
-                    count += cursor.rowcount
+                )
+                for part, part_in_tail in removed.values():
+                    count, in_tail = count + part, in_tail + part_in_tail
             if count > 0:
-                await self._add_ledger(conn, device_id, queued=-count, expired=count)
-                self._queued_total -= count
+                await self._count_removed(conn, device_id, count, in_tail, "expired")
             return count
 
         result: int = await self.run_op(op, kind=OpKind.LIFECYCLE)
@@ -1075,14 +1115,13 @@ class Buffer:
         now_ms = time.time_ns() // 1_000_000
 
         async def op(conn: aiosqlite.Connection) -> int:
-            count = await self._delete_ids(conn, [p.id for p in points])
+            count, in_tail = await self._delete_ids(conn, [p.id for p in points])
             await conn.executemany(
                 "INSERT INTO deadletter (device_id, pin, ts, value, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
                 [(device_id, p.pin, p.ts_ms, p.value_json, redact(reason), now_ms) for p in points],
             )
             if count:
-                await self._add_ledger(conn, device_id, queued=-count, rejected=count)
-                self._queued_total -= count
+                await self._count_removed(conn, device_id, count, in_tail, "rejected")
             return count
 
         result: int = await self.run_op(op, kind=OpKind.LIFECYCLE)
@@ -1125,13 +1164,22 @@ class Buffer:
         moved: list[tuple[int, int]] = []
 
         async def move(conn: aiosqlite.Connection, where: str, offset_ms: int, params: tuple[Any, ...]) -> int:
-            async with conn.execute(f"SELECT DISTINCT device_id, pin FROM held WHERE {where}", params) as cursor:
-                moved.extend([(int(row[0]), int(row[1])) async for row in cursor])
+            async with conn.execute(
+                f"SELECT device_id, pin, COUNT(*) FROM held WHERE {where} GROUP BY device_id, pin", params
+            ) as cursor:
+                rows = [(int(row[0]), int(row[1]), int(row[2])) async for row in cursor]
+            moved.extend((device_id, pin) for device_id, pin, _ in rows)
             await conn.execute(
                 "INSERT INTO points (device_id, pin, ts, value) "
                 f"SELECT device_id, pin, mono_ms + ?, value FROM held WHERE {where} ORDER BY id",
                 (offset_ms, *params),
             )
+            # Counted when they were held; in the points table the tail counts them (store/counting.py).
+            per_device: dict[int, int] = {}
+            for device_id, _, count in rows:
+                per_device[device_id] = per_device.get(device_id, 0) + count
+            for device_id, count in per_device.items():
+                await self._add_ledger(conn, device_id, received=-count, queued=-count)
             async with conn.execute(f"DELETE FROM held WHERE {where}", params) as cursor:
                 return int(cursor.rowcount)
 
@@ -1152,9 +1200,7 @@ class Buffer:
             async with conn.execute("SELECT COUNT(*) FROM held WHERE boot_id != ?", (boot_id,)) as cursor:
                 row = await cursor.fetchone()
             unstamped = int(row[0]) if row else 0
-            await conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_HELD_UNSTAMPED, str(unstamped))
-            )
+            await conn.execute(SET_META, (META_HELD_UNSTAMPED, str(unstamped)))
             return Settled(rebased, stamped, unstamped)
 
         settled: Settled = await self.run_op(op, kind=OpKind.LIFECYCLE)
@@ -1185,23 +1231,47 @@ class Buffer:
 
     def _remove_op(self, device_id: int, ids: Sequence[int], column: str) -> WriteOp:
         async def op(conn: aiosqlite.Connection) -> int:
-            count = await self._delete_ids(conn, ids)
+            count, in_tail = await self._delete_ids(conn, ids)
             if count:
-                await self._add_ledger(conn, device_id, queued=-count, **{column: count})
-                self._queued_total -= count
+                await self._count_removed(conn, device_id, count, in_tail, column)
             return count
 
         return op
 
-    @staticmethod
-    async def _delete_ids(conn: aiosqlite.Connection, ids: Sequence[int]) -> int:
+    async def _delete_ids(self, conn: aiosqlite.Connection, ids: Sequence[int]) -> tuple[int, int]:
+        """Delete points by row id; return how many went, and how many of them were in the ledger's tail."""
         if not ids:
-            return 0
-        async with conn.execute(
+            return 0, 0
+        per_device = await self._delete_points(
+            conn,
             "DELETE FROM points WHERE id IN (SELECT value FROM json_each(?))",
             (json.dumps(list(ids), separators=(",", ":")),),
-        ) as cursor:
-            return int(cursor.rowcount)
+        )
+        return sum(n for n, _ in per_device.values()), sum(t for _, t in per_device.values())
+
+    async def _delete_points(
+        self, conn: aiosqlite.Connection, delete: str, params: tuple[Any, ...]
+    ) -> dict[int, tuple[int, int]]:
+        """Run a DELETE of points; return per device how many rows went, and how many of those were in the tail
+        (not yet in the ledger: store/counting.py)."""
+        async with conn.execute(counting.READ_MARK) as cursor:
+            row = await cursor.fetchone()
+        mark = int(row[0]) if row and row[0] is not None else None
+        per_device: dict[int, tuple[int, int]] = {}
+        async with conn.execute(f"{delete} RETURNING device_id, id", params) as cursor:
+            async for device_id, row_id in cursor:
+                removed, in_tail = per_device.get(int(device_id), (0, 0))
+                per_device[int(device_id)] = (removed + 1, in_tail + int(mark is not None and row_id >= mark))
+        if per_device:
+            self._removed_rows = True
+        return per_device
+
+    async def _count_removed(
+        self, conn: aiosqlite.Connection, device_id: int, count: int, in_tail: int, outcome: str
+    ) -> None:
+        """Count `count` removed points of a device under `outcome` (`in_tail` of them were not counted yet)."""
+        await self._add_ledger(conn, device_id, **counting.removed(count, in_tail), **{outcome: count})
+        self._queued_total -= count
 
     async def spend(self, device: str, now_s: float, *, messages: int = 1, points: int = 0) -> Budget:
         """Count a request (and its timestamped points) against the device's budget before it is sent.
@@ -1253,10 +1323,9 @@ class Buffer:
 
         return op
 
-    async def _release_leases(self) -> None:
-        """At a clean stop: the reservations become the exact counts (nothing was sent past them)."""
-        if not self._leases:
-            return
+    async def _close_books(self) -> None:
+        """At a clean stop: the reservations become the exact counts (nothing was sent past them), and the ledger
+        counts its tail (store/counting.py), so that a stopped buffer's ledger table is whole."""
         rows = [
             (lease.spent.points_day, lease.spent.messages_month, device_id, lease.spent.day, lease.spent.month)
             for device_id, lease in self._leases.items()
@@ -1269,6 +1338,7 @@ class Buffer:
                 "messages_month_reserved = messages_month WHERE device_id = ? AND day = ? AND month = ?",
                 rows,
             )
+            await self._fold(conn, force=True)
             await conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -1357,9 +1427,10 @@ class Buffer:
 
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.executemany(
-                "INSERT OR REPLACE INTO ports "
-                "(path, state, lines_ok, lines_bad, lines_ignored, reconnects, detail, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO ports (path, state, lines_ok, lines_bad, lines_ignored, reconnects, detail, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET state = excluded.state, "
+                "lines_ok = excluded.lines_ok, lines_bad = excluded.lines_bad, lines_ignored = excluded.lines_ignored, "
+                "reconnects = excluded.reconnects, detail = excluded.detail, updated = excluded.updated",
                 values,
             )
 
@@ -1384,7 +1455,7 @@ class Buffer:
         """Store small key/value facts (daemon pid, heartbeat)."""
 
         async def op(conn: aiosqlite.Connection) -> None:
-            await conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(items.items()))
+            await conn.executemany(SET_META, list(items.items()))
 
         await self.run_op(op, kind=OpKind.FACT, key=("meta", *sorted(items)))
 
@@ -1483,17 +1554,17 @@ class Buffer:
     @_reading
     async def oldest_ts(self, device: str, *, settle: bool = True) -> int | None:
         """Return the timestamp of the device's oldest queued point."""
-        oldest: int | None = None
         device_id = self._device_ids.get(device)
         if device_id is None:
             return None
-        for pin in await self.pins_queued(device, settle=settle):
-            async with self._reader().execute(filing.OLDEST_TS, (device_id, pin) * 2) as cursor:
-                row = await cursor.fetchone()
-            for ts in row or ():
-                if ts is not None and (oldest is None or ts < oldest):
-                    oldest = int(ts)
-        return oldest
+        stamps = [await self._oldest_of_pin(device_id, pin) for pin in await self.pins_queued(device, settle=settle)]
+        return min((ts for ts in stamps if ts is not None), default=None)
+
+    @_reading
+    async def _oldest_of_pin(self, device_id: int, pin: int) -> int | None:
+        async with self._reader().execute(filing.OLDEST_TS, (device_id, pin) * 2) as cursor:
+            row = await cursor.fetchone()
+        return min((int(ts) for ts in row or () if ts is not None), default=None)
 
     @_reading
     async def ledger(self, device: str, *, settle: bool = True) -> dict[str, int]:
@@ -1505,13 +1576,9 @@ class Buffer:
             return counts
         if settle:
             await self._settle_deliveries()
-        async with self._reader().execute(
-            f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger WHERE device_id = ?", (device_id,)
-        ) as cursor:
+        async with self._reader().execute(counting.LEDGER_OF, (device_id,)) as cursor:
             row = await cursor.fetchone()
-        if row:
-            counts = dict(zip(LEDGER_FIELDS, (int(v) for v in row), strict=True))
-        return counts
+        return counting.ledger_row(tuple(row) if row else None) if row else counts
 
     def _connection(self) -> aiosqlite.Connection:
         if self._write is None:

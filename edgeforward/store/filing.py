@@ -36,7 +36,9 @@ UNFILED: Final = (
     "id >= (SELECT COALESCE(MAX(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'filed_below') AND filed = 0"
 )
 FILE_RANGE: Final = "UPDATE points SET filed = 1 WHERE id >= ? AND id < ? AND filed = 0"
-SET_MARK: Final = "INSERT OR REPLACE INTO meta (key, value) VALUES ('filed_below', ?)"
+SET_MARK: Final = (
+    "INSERT INTO meta (key, value) VALUES ('filed_below', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
 READ_MARK: Final = "SELECT value FROM meta WHERE key = 'filed_below'"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..timebase import utc_day, utc_month
-from . import filing
+from . import counting, filing
 from .errors import wrap
 from .schema import BUSY_TIMEOUT_MS, LEDGER_FIELDS
 
@@ -50,9 +50,9 @@ def devices(db: sqlite3.Connection, now_s: float) -> dict[str, DeviceRow]:
     """Return every device's ledger, budget, state and dead-letter count."""
     today, month = utc_day(now_s), utc_month(now_s)
     result: dict[str, DeviceRow] = {}
+    ledgers = {int(row[0]): counting.ledger_row(tuple(row)) for row in db.execute(counting.LEDGER)}
     for name, device_id in db.execute("SELECT name, id FROM devices").fetchall():
-        row = db.execute(f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger WHERE device_id = ?", (device_id,)).fetchone()
-        counts = dict(zip(LEDGER_FIELDS, row, strict=True)) if row else dict.fromkeys(LEDGER_FIELDS, 0)
+        counts = ledgers.get(int(device_id), dict.fromkeys(LEDGER_FIELDS, 0))
         budget = db.execute(
             "SELECT day, points_day, month, messages_month FROM budget WHERE device_id = ?", (device_id,)
         ).fetchone()
@@ -112,9 +112,12 @@ def held_by_device(db: sqlite3.Connection) -> dict[str, int]:
 
 
 def ledger_total(db: sqlite3.Connection) -> dict[str, int]:
-    """Return the ledger summed over every device."""
-    row = db.execute(f"SELECT {', '.join(f'COALESCE(SUM({f}), 0)' for f in LEDGER_FIELDS)} FROM ledger").fetchone()
-    return dict(zip(LEDGER_FIELDS, (int(v) for v in row), strict=True))
+    """Return the ledger summed over every device (the tail of uncounted points included: store/counting.py)."""
+    total = dict.fromkeys(LEDGER_FIELDS, 0)
+    for row in db.execute(counting.LEDGER):
+        for field, value in counting.ledger_row(tuple(row)).items():
+            total[field] += value
+    return total
 
 
 # the dead-letter table ------------------------------------------------------------------------------
@@ -156,7 +159,10 @@ def deadletter(db: sqlite3.Connection, device: str | None = None, pin: int | Non
 
 
 def requeue_deadletter(db: sqlite3.Connection, device: str | None = None, pin: int | None = None) -> int:
-    """Move refused points back into the queue (rejected -> queued), in one transaction; return how many."""
+    """Move refused points back into the queue (rejected -> queued), in one transaction; return how many.
+
+    In the points table they are counted by the ledger's tail (store/counting.py): the ledger gives them up.
+    """
     where, params = _filter(device, pin)
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -171,7 +177,7 @@ def requeue_deadletter(db: sqlite3.Connection, device: str | None = None, pin: i
         db.execute(f"DELETE FROM deadletter WHERE id IN (SELECT d.id FROM deadletter d WHERE {where})", params)
         for device_id, count in per_device:
             db.execute(
-                "UPDATE ledger SET rejected = rejected - ?, queued = queued + ? WHERE device_id = ?",
+                "UPDATE ledger SET rejected = rejected - ?, received = received - ? WHERE device_id = ?",
                 (count, count, device_id),
             )
         db.execute("COMMIT")

@@ -15,14 +15,18 @@ from typing import Any, Final
 
 import structlog
 
+from . import counting
 from .errors import StoreError, StoreFullError, wrap
 from .schema import (
     BUSY_TIMEOUT_MS,
     LEDGER_FIELDS,
+    META_COUNTED_BELOW,
     META_RECOVERIES,
     META_RECOVERY,
+    NEXT_POINT_ID,
     SALVAGE_TABLES,
     SCHEMA_VERSION,
+    SET_META,
     TABLES_SINCE,
     expected_columns,
     migrate,
@@ -264,7 +268,7 @@ def recover_file(path: Path, reason: str) -> Recovery:
                 unreadable_ranges=unreadable,
             )
             fresh.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                SET_META,
                 [(META_RECOVERY, recovery.as_meta()), (META_RECOVERIES, str(previous + 1))],
             )
             fresh.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -305,6 +309,8 @@ def _salvage(damaged: Path, fresh: sqlite3.Connection) -> tuple[dict[str, int], 
     expected = expected_columns()
     try:
         fresh.execute("BEGIN IMMEDIATE")
+        # The damaged file's mark says which of its points its ledger had not counted yet (store/counting.py).
+        fresh.execute("DELETE FROM meta WHERE key = ?", (META_COUNTED_BELOW,))
         for table in SALVAGE_TABLES:
             try:
                 present = {row[1] for row in source.execute(f"PRAGMA table_info({table})")}
@@ -471,6 +477,12 @@ def _reconcile(fresh: sqlite3.Connection) -> dict[str, int]:
         if orphans:
             lost["(unknown device)"] = orphans
         fresh.execute("DELETE FROM ledger WHERE device_id NOT IN (SELECT id FROM devices)")
+        # The salvaged ledger plus its tail, as the damaged file said (every point counted in it afterwards).
+        fresh.execute(counting.FOLD)
+        fresh.execute(
+            f"INSERT OR REPLACE INTO meta (key, value) VALUES (?, {NEXT_POINT_ID})",
+            (META_COUNTED_BELOW,),
+        )
         out = " + ".join(f for f in LEDGER_FIELDS if f != "received")
         for device_id, name in fresh.execute("SELECT id, name FROM devices").fetchall():
             stored = fresh.execute(

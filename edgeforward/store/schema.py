@@ -11,7 +11,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 BUSY_TIMEOUT_MS: Final = 10_000
 PAGE_CACHE_KIB: Final = 1024
 # New files get small pages: a commit of one line rewrites a few pages, and 1 KiB pages write a quarter of the
@@ -27,6 +27,10 @@ META_RECOVERY: Final = "recovery"
 META_RECOVERIES: Final = "recoveries"
 META_INGEST_FAILED: Final = "ingest_failed"
 META_HELD_UNSTAMPED: Final = "held_unstamped"
+META_COUNTED_BELOW: Final = "counted_below"  # store/counting.py
+NEXT_POINT_ID: Final = "(SELECT COALESCE(MAX(id), 0) + 1 FROM points)"
+# Set a meta value in place: INSERT OR REPLACE would delete and insert the row, rewriting the key's index page too.
+SET_META: Final = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 
 LEDGER_FIELDS: Final = (
     "received",
@@ -159,7 +163,10 @@ DROP INDEX IF EXISTS points_by_pin;
 CREATE INDEX points_by_pin ON points (device_id, pin, ts) WHERE filed = 1;
 INSERT OR REPLACE INTO meta (key, value) VALUES ('filed_below', (SELECT COALESCE(MAX(id), 0) + 1 FROM points))
 """
-SCHEMA: Final = _BASE + _HELD + _IMPORT_SEEN + _RESEND_WINDOW
+# Version 7: a reading's commit leaves the ledger alone; rows from the mark on are counted from the file
+# (store/counting.py). Every row of an older file is counted in its ledger already: the mark starts past them.
+_COUNTING = f"INSERT OR IGNORE INTO meta (key, value) VALUES ('{META_COUNTED_BELOW}', {NEXT_POINT_ID});"
+SCHEMA: Final = _BASE + _HELD + _IMPORT_SEEN + _RESEND_WINDOW + _COUNTING
 
 # The version that added each table after the first (an older file lacks it until it is migrated).
 TABLES_SINCE: Final = {"held": 3, "import_seen": 4, "resend_window": 5}
@@ -230,6 +237,7 @@ MIGRATIONS: Final[tuple[tuple[int, Callable[[sqlite3.Connection], None]], ...]] 
     (4, lambda conn: _in_one_transaction(conn, _IMPORT_SEEN, 4)),
     (5, lambda conn: _in_one_transaction(conn, _RESEND_WINDOW, 5)),
     (6, _to_v6),
+    (7, lambda conn: _in_one_transaction(conn, _COUNTING, 7)),
 )
 
 

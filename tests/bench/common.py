@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeforward.points import PinType
-from edgeforward.store import Buffer, filing
+from edgeforward.store import Buffer, counting, filing, queries
 from tests.conftest import Pty, toml_value
 
 TOKEN = "tok-bench-0123456789abcdef0123456"
@@ -181,6 +181,7 @@ def build_backlog(path: Path, points: int) -> None:
         # Every point is filed (in the pin index), as in a file the daemon wrote them into in bulk.
         newest = conn.execute("SELECT COALESCE(MAX(id), 0) FROM points").fetchone()[0]
         conn.execute(filing.SET_MARK, (str(newest + 1),))
+        conn.execute(counting.PASS_TAIL)  # ... and counted in the ledger above (store/counting.py)
         conn.execute("COMMIT")
         conn.execute("PRAGMA journal_mode = WAL")
     finally:
@@ -201,18 +202,14 @@ def backlog_copy(work: Path, points: int, dest: Path) -> float:
 
 
 def ledger(path: Path) -> dict[str, int]:
-    """The summed ledger of a buffer file."""
+    """The summed ledger of a buffer file, as `status` reads it (the tail of uncounted points included)."""
     conn = sqlite3.connect(path)
     try:
-        row = conn.execute(
-            "SELECT SUM(received), SUM(delivered_live), SUM(delivered_history), SUM(queued), SUM(expired), "
-            "SUM(dropped), SUM(rejected), SUM(downsampled) FROM ledger"
-        ).fetchone()
+        total = queries.ledger_total(conn)
         queued_rows = conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
     finally:
         conn.close()
-    names = ("received", "delivered_live", "delivered_history", "queued", "expired", "dropped", "rejected", "downs")
-    counts = {name: int(value or 0) for name, value in zip(names, row, strict=True)}
+    counts = {("downs" if name == "downsampled" else name): value for name, value in total.items()}
     counts["rows"] = int(queued_rows)
     return counts
 
