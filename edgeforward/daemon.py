@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 STOP_TIMEOUT_S = 5.0
 M_ARENA_MAX = -8  # glibc mallopt parameter
 MALLOC_ARENAS = 2
-SNAPSHOT_INTERVAL_S = 5.0  # port counters for status; each changed snapshot is a commit (SD wear, idle CPU)
+SNAPSHOT_INTERVAL_S = 10.0  # port counters for status; a changed snapshot rides a commit (a page of SD wear)
 
 
 def now_ms() -> int:

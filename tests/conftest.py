@@ -220,6 +220,21 @@ async def open_buffer(path: Path, **kwargs: Any) -> AsyncIterator[Buffer]:
         await buffer.close()
 
 
+class Ticks:
+    """The buffer's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def ticks() -> Ticks:
+    return Ticks()
+
+
 async def wait_for(condition: Callable[[], bool], within_s: float = 10.0, interval: float = 0.05) -> None:
     """Poll `condition` until it holds or fail after `within_s` seconds."""
     deadline = time.monotonic() + within_s

@@ -166,7 +166,7 @@ async def test_bad_lines_counted_and_wrong_token_parked(
     assert pump_status["delivered"] == pump_status["received"] == 2 * (1 + len(garbage)) + 1
     assert readings_in_cloud(cloud) == Counter([*range(len(garbage) + 1), 100])
     assert cloud.points(TOKEN_FAN) == []
-    await wait_for(lambda: daemon.status()["ports"][pty_port.path]["lines_bad"] == len(garbage) + 1, 15, interval=0.3)
+    await wait_for(lambda: daemon.status()["ports"][pty_port.path]["lines_bad"] == len(garbage) + 1, 30, interval=0.3)
     port = daemon.status()["ports"][pty_port.path]
     assert port["state"] == "open"
     assert port["lines_ok"] == 1 + 2 * len(garbage) + 1

@@ -16,24 +16,9 @@ import pytest
 from edgeforward.points import Point
 from edgeforward.store import Buffer, filing, queries
 
-from .conftest import open_buffer
+from .conftest import Ticks, open_buffer
 
 BASE_TS = 1_764_000_000_000
-
-
-class Ticks:
-    """The buffer's monotonic clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def ticks() -> Ticks:
-    return Ticks()
 
 
 @pytest.fixture
