@@ -136,8 +136,11 @@ async def test_kill9_loses_no_committed_point(
     status = final.status()["devices"]["pump"]
     assert ledger_adds_up(status)
     seen = readings_in_cloud(cloud)
-    # Every committed reading is in the cloud; only the batches in flight at a kill may be there twice.
-    assert len(seen) * 2 == status["received"]
+    # Every committed reading is in the cloud; only the batches in flight at a kill may be there twice. A kill
+    # may take the start of a line with it (read, never committed): the rest, `v2=N`, is then a reading of its
+    # own, one point instead of two. At most one such fragment per kill.
+    fragments = len(seen) * 2 - status["received"]
+    assert 0 <= fragments <= 3, (len(seen), status["received"])
     assert set(seen) <= set(range(written))
     duplicates = sum(n - 1 for n in seen.values())
     assert duplicates <= 3 * 2 * 10_000

@@ -1578,7 +1578,7 @@ class Buffer:
             await self._settle_deliveries()
         async with self._reader().execute(counting.LEDGER_OF, (device_id,)) as cursor:
             row = await cursor.fetchone()
-        return counting.ledger_row(tuple(row) if row else None) if row else counts
+        return counting.ledger_row(tuple(row)) if row else counts
 
     def _connection(self) -> aiosqlite.Connection:
         if self._write is None:
