@@ -777,20 +777,9 @@ class Buffer:
         if self._folded_at is None:
             self._folded_at = now
         due = self._uncounted >= counting.FOLD_TAIL_MAX_ROWS or now - self._folded_at >= counting.FOLD_EVERY_S
-        if not (force or (self._uncounted and due)) or self._full_since is not None or self._reserve_released:
+        if not (force or (self._uncounted and due)):
             return False
-        await conn.execute("SAVEPOINT fold")
-        try:
-            await conn.execute(counting.FOLD)
-            await conn.execute(counting.PASS_TAIL)
-        except sqlite3.Error as exc:
-            await conn.execute("ROLLBACK TO fold")
-            await conn.execute("RELEASE fold")
-            if not is_full(exc):
-                raise
-            return False
-        await conn.execute("RELEASE fold")
-        return True
+        return await self._riding(conn, "fold", [(counting.FOLD, ()), (counting.PASS_TAIL, ())], defer_any=False)
 
     async def _file(self, conn: aiosqlite.Connection) -> int | None:
         """File the points that waited long enough (store/filing.py), riding this commit; return the new mark.
@@ -799,20 +788,41 @@ class Buffer:
         whose deliveries are what frees room).
         """
         cut = self._filing.cut(self._clock())
-        if cut is None or self._full_since is not None or self._reserve_released:
+        if cut is None:
             return None
-        await conn.execute("SAVEPOINT filing")
+        steps: list[tuple[str, tuple[Any, ...]]] = [(filing.SET_MARK, (str(cut),))]
+        if self._filing.unfiled:
+            steps.insert(0, (filing.FILE_RANGE, (self._filing.below, cut)))
+        return cut if await self._riding(conn, "filing", steps, defer_any=True) else None
+
+    async def _riding(
+        self,
+        conn: aiosqlite.Connection,
+        name: str,
+        steps: Sequence[tuple[str, tuple[Any, ...]]],
+        *,
+        defer_any: bool,
+    ) -> bool:
+        """Run housekeeping that rides this commit (filing, the ledger's fold) in a savepoint; return whether it ran.
+
+        It is left for later on a full disk, and undone alone when a statement fails (a full disk, or with
+        `defer_any` any sqlite error): the rest of the commit, whose deliveries are what frees room, stands.
+        """
+        if self._full_since is not None or self._reserve_released:
+            return False
+        await conn.execute(f"SAVEPOINT {name}")
         try:
-            if self._filing.unfiled:
-                await conn.execute(filing.FILE_RANGE, (self._filing.below, cut))
-            await conn.execute(filing.SET_MARK, (str(cut),))
+            for sql, params in steps:
+                await conn.execute(sql, params)
         except sqlite3.Error as exc:
-            await conn.execute("ROLLBACK TO filing")
-            await conn.execute("RELEASE filing")
-            log.debug("buffer_filing_deferred", error=str(exc))
-            return None
-        await conn.execute("RELEASE filing")
-        return cut
+            await conn.execute(f"ROLLBACK TO {name}")
+            await conn.execute(f"RELEASE {name}")
+            if not (defer_any or is_full(exc)):
+                raise
+            log.debug("buffer_housekeeping_deferred", step=name, error=str(exc))
+            return False
+        await conn.execute(f"RELEASE {name}")
+        return True
 
     async def _fit_disk(self) -> None:
         """Keep the file from growing into the room its WAL needs: on a full disk the file then refuses new
