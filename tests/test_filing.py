@@ -103,3 +103,29 @@ async def test_a_long_unfiled_range_is_filed_without_waiting(
 async def test_filing_mark_of_a_foreign_value_means_nothing_is_known_filed() -> None:
     assert filing.mark_of(None) == 0 and filing.mark_of("x") == 0 and filing.mark_of("-3") == 0
     assert filing.mark_of("42") == 42
+
+
+async def test_pins_and_the_oldest_point_are_read_in_one_statement_over_both_parts(buf: Buffer, ticks: Ticks) -> None:
+    # Filed: pins 1 and 7 of pump (pin 7 the oldest), a pin of another device; unfiled: pins 1, 3 and 200.
+    await buf.submit([Point("pump", 7, BASE_TS - 5000, 1.0), Point("pump", 1, BASE_TS, 2.0)])
+    await buf.submit([Point("tank", 9, BASE_TS - 9000, 3.0)])
+    ticks.now += filing.FILE_AFTER_S + 1
+    await buf.submit([Point("pump", 3, BASE_TS + 1000, 4.0), Point("pump", 200, BASE_TS - 1000, 5.0)])
+    await buf.submit([Point("pump", 1, BASE_TS - 2000, 6.0)])
+    assert rows(buf.path, "SELECT pin, filed FROM points ORDER BY id") == [
+        (7, 1),
+        (1, 1),
+        (9, 1),
+        (3, 0),
+        (200, 0),
+        (1, 0),
+    ]
+    brute = rows(buf.path, "SELECT DISTINCT pin FROM points WHERE device_id = 1 ORDER BY pin")
+    assert await buf.pins_queued("pump") == [int(str(pin)) for (pin,) in brute] == [1, 3, 7, 200]
+    assert await buf.pins_queued("tank") == [9]
+    assert (await reads(buf))[6:] == (BASE_TS - 5000, BASE_TS - 5000)
+    oldest_filed = await buf.oldest("pump", 7, 1)
+    await buf.deliver("pump", [p.id for p in oldest_filed], "history")  # the oldest is now an unfiled one
+    assert await buf.pins_queued("pump") == [1, 3, 200]
+    assert (await reads(buf))[6:] == (BASE_TS - 2000, BASE_TS - 2000)
+    assert await buf.oldest_ts("nobody") is None

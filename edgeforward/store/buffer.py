@@ -1480,23 +1480,14 @@ class Buffer:
 
     @_reading
     async def pins_queued(self, device: str, *, settle: bool = True) -> list[int]:
-        """Return the pins that have queued points (the unfiled ones, then a skip-scan over the index)."""
+        """Return the pins that have queued points, ascending."""
         device_id = self._device_ids.get(device)
         if device_id is None:
             return []
         if settle:  # see `ledger`
             await self._settle_deliveries()
-        conn = self._reader()
-        async with conn.execute(filing.UNFILED_PINS, (device_id,)) as cursor:
-            pins = {int(row[0]) async for row in cursor}
-        last = -1
-        while True:
-            async with conn.execute(filing.NEXT_FILED_PIN, (device_id, last)) as cursor:
-                row = await cursor.fetchone()
-            if row is None or row[0] is None:
-                return sorted(pins)
-            last = int(row[0])
-            pins.add(last)
+        async with self._reader().execute(filing.PINS_QUEUED, (device_id,)) as cursor:
+            return [int(row[0]) async for row in cursor]
 
     @_reading
     async def newest(self, device: str, pin: int) -> QueuedPoint | None:
@@ -1567,8 +1558,11 @@ class Buffer:
         device_id = self._device_ids.get(device)
         if device_id is None:
             return None
-        stamps = [await self._oldest_of_pin(device_id, pin) for pin in await self.pins_queued(device, settle=settle)]
-        return min((ts for ts in stamps if ts is not None), default=None)
+        if settle:  # see `ledger`
+            await self._settle_deliveries()
+        async with self._reader().execute(filing.OLDEST_TS_OF_DEVICE, (device_id,)) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row and row[0] is not None else None
 
     @_reading
     async def _oldest_of_pin(self, device_id: int, pin: int) -> int | None:

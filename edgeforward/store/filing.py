@@ -98,13 +98,26 @@ class FilingPlan:
             self._marks.popleft()
 
 
-# Reads of one pin's queued points, each one statement over both parts (one snapshot), for the buffer and the
-# queries of other processes. Parameters: (device_id, pin, ...) for the filed part, then the same for the other.
-UNFILED_PINS: Final = f"SELECT DISTINCT pin FROM points WHERE {UNFILED} AND device_id = ?"
-NEXT_FILED_PIN: Final = f"SELECT MIN(pin) FROM points WHERE device_id = ? AND pin > ? AND {FILED}"
+# Reads of queued points, each one statement over both parts (one snapshot), for the buffer and the queries of
+# other processes. Parameters: (device_id, pin, ...) for the filed part, then the same for the other.
 OLDEST_TS: Final = (
     f"SELECT (SELECT MIN(ts) FROM points WHERE device_id = ? AND pin = ? AND {FILED}), "
     f"(SELECT MIN(ts) FROM points WHERE {UNFILED} AND device_id = ? AND pin = ?)"
+)
+# A device's pins with queued points, ascending (parameter: device_id): the unfiled ones from the range scan, the
+# filed ones by a skip-scan of the pin index (one probe per pin, not a read of every point).
+_FILED_PINS: Final = (
+    "WITH RECURSIVE filed_pins (pin) AS ("
+    f"SELECT (SELECT MIN(pin) FROM points WHERE device_id = ?1 AND {FILED}) UNION ALL "
+    f"SELECT (SELECT MIN(pin) FROM points WHERE device_id = ?1 AND pin > filed_pins.pin AND {FILED}) "
+    "FROM filed_pins WHERE filed_pins.pin IS NOT NULL) SELECT pin FROM filed_pins WHERE pin IS NOT NULL"
+)
+PINS_QUEUED: Final = f"{_FILED_PINS} UNION SELECT pin FROM points WHERE {UNFILED} AND device_id = ?1 ORDER BY pin"
+# The timestamp of a device's oldest queued point (parameter: device_id; NULL: none): per filed pin through the
+# index, and the unfiled part's range scan.
+OLDEST_TS_OF_DEVICE: Final = (
+    f"SELECT MIN(ts) FROM (SELECT (SELECT MIN(ts) FROM points WHERE device_id = ?1 AND pin = p.pin AND {FILED}) "
+    f"AS ts FROM ({_FILED_PINS}) p UNION ALL SELECT MIN(ts) FROM points WHERE {UNFILED} AND device_id = ?1)"
 )
 
 

@@ -73,14 +73,9 @@ def devices(db: sqlite3.Connection, now_s: float) -> dict[str, DeviceRow]:
 
 
 def oldest_ts(db: sqlite3.Connection, device_id: int) -> int | None:
-    """Return the timestamp of a device's oldest queued point (the unfiled pins, then a skip-scan of the index)."""
-    pins = {int(row[0]) for row in db.execute(filing.UNFILED_PINS, (device_id,))}
-    pin = -1
-    while (row := db.execute(filing.NEXT_FILED_PIN, (device_id, pin)).fetchone()) and row[0] is not None:
-        pin = int(row[0])
-        pins.add(pin)
-    stamps = [ts for pin in pins for ts in db.execute(filing.OLDEST_TS, (device_id, pin) * 2).fetchone() or ()]
-    return min((int(ts) for ts in stamps if ts is not None), default=None)
+    """Return the timestamp of a device's oldest queued point."""
+    row = db.execute(filing.OLDEST_TS_OF_DEVICE, (device_id,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def ports(db: sqlite3.Connection) -> list[tuple[str, str, int, int, int, int, dict[str, Any]]]:
