@@ -21,7 +21,7 @@ from .clock import ClockWatcher
 from .config import Config
 from .forward import Forwarder, Peers
 from .ingest.pipeline import PortPipeline
-from .notify import Notifier, ProgressMonitor, SystemdWatchdog, status_line, watchdog_interval_s
+from .notify import Notifier, ProgressMonitor, StartExtender, SystemdWatchdog, status_line, watchdog_interval_s
 from .redact import redact
 from .store import Buffer, Committed, StoreError
 
@@ -86,7 +86,7 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then stop in order: readers, forwarders, writer."""
-        await self.buffer.open()
+        await self._open_buffer()
         try:
             saved = await self.buffer.saved_ports()
             await self.clock.load(self.buffer)
@@ -115,6 +115,18 @@ class Daemon:
                         await self.metrics.stop()
         finally:
             await self.buffer.close()
+
+    async def _open_buffer(self) -> None:
+        """Open the buffer; under systemd, ask for more start-up time while a long check or recovery progresses."""
+        if not self.notifier.enabled:
+            await self.buffer.open()
+            return
+        extender = asyncio.create_task(StartExtender(self.notifier, self.buffer.startup).run(), name="start-extender")
+        try:
+            await self.buffer.open()
+        finally:
+            extender.cancel()
+            await asyncio.gather(extender, return_exceptions=True)
 
     async def _start_metrics(self) -> None:
         listen = self.config.metrics.listen

@@ -12,7 +12,7 @@ import structlog
 
 from .config import Config
 from .forward import DeviceSnapshot, Forwarder, WaitReason
-from .store import Buffer
+from .store import Buffer, Progress
 from .timebase import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger(__name__)
@@ -23,6 +23,10 @@ WATCHDOG_PID_ENV = "WATCHDOG_PID"
 STATUS_INTERVAL_S = 10.0  # how often STATUS= is refreshed when no watchdog asks for more
 MIN_TICK_S = 0.05
 STALL_MARGIN_S = 30.0  # slack for scheduling and the buffer on top of the request timeouts
+# Before READY: while preparing the buffer makes progress, ask for this much more start-up time this often
+# (a datagram every 2 s; an extension outlives many of them, and a start timeout of a few seconds still holds).
+START_EXTEND_EVERY_S = 2.0
+START_EXTEND_BY_S = 30.0
 
 
 class Notifier:
@@ -85,6 +89,36 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+class StartExtender:
+    """Asks systemd for more start-up time while the buffer's preparation makes progress (EXTEND_TIMEOUT_USEC).
+
+    A recovery of a damaged 10 M-point buffer takes longer than the unit's TimeoutStartSec (99 s on an x86 SSD,
+    minutes on an SD card): killed at the timeout, the daemon would start the recovery again, forever. Each
+    extension lasts START_EXTEND_BY_S; once the preparation stops making progress none is asked for, and the
+    unit's timeout stands.
+    """
+
+    def __init__(self, notifier: Notifier, progress: Progress) -> None:
+        self._notifier = notifier
+        self._progress = progress
+        self._seen = progress.steps
+
+    def tick(self) -> bool:
+        """Extend the start timeout if the preparation progressed since the last tick; return whether it did."""
+        steps = self._progress.steps
+        if steps == self._seen:
+            return False
+        self._seen = steps
+        usec = int(START_EXTEND_BY_S * 1_000_000)
+        return self._notifier.send(f"EXTEND_TIMEOUT_USEC={usec}", f"STATUS=starting: {self._progress.phase}")
+
+    async def run(self) -> None:
+        """Tick every START_EXTEND_EVERY_S until cancelled (at the end of the preparation)."""
+        while True:
+            await asyncio.sleep(START_EXTEND_EVERY_S)
+            self.tick()
 
 
 def _one_line(text: str) -> str:

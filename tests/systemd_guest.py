@@ -36,6 +36,22 @@ USB_NODE = "/dev/ttyUSB0"  # major 188: admitted by number though usbserial is n
 OTHER_NODE = "/dev/ttyCI9"  # major 189 (usb_device), which the unit does not admit: the control
 MAX_EXPOSURE = 2.0
 STOP_WITHIN_S = 2.0
+BUFFER = Path("/var/lib/edgeforward/buffer.db")  # config/edgeforward.toml's [buffer] path
+TIMEOUT_DROP_IN = Path("/etc/systemd/system/edgeforward.service.d/ci-timeout.conf")
+SHORT_START_TIMEOUT_S = 3
+RECOVERY_POINTS = 1_000_000  # a recovery of several seconds on any machine that runs CI
+# Fills the buffer through the store, as the daemon's own user would have (argv: path, points).
+FILL_BUFFER = (
+    "import asyncio, sys, time; from pathlib import Path; from edgeforward.store import Buffer; "
+    "from edgeforward.points import Point\n"
+    "async def fill(path, count):\n"
+    "    buffer = Buffer(Path(path)); await buffer.open(); now = time.time_ns() // 1_000_000 - count\n"
+    "    writer = asyncio.create_task(buffer.run_writer())\n"
+    "    for a in range(0, count, 50_000):\n"
+    "        await buffer.submit([Point('pump', 1, now + i, float(i)) for i in range(a, min(count, a + 50_000))])\n"
+    "    buffer.stop_writer(); await writer; await buffer.close()\n"
+    "asyncio.run(fill(sys.argv[1], int(sys.argv[2])))"
+)
 WATCHDOG_WAIT_S = 75.0  # WatchdogSec=30, then SIGABRT (with SIGCONT) and RestartSec=5
 NO_RESTART_WAIT_S = 13.0  # more than two RestartSec=5 periods
 WAIT_S = 30.0
@@ -281,6 +297,7 @@ def checks(blocks: list[str], master: int, pty_path: str) -> int:
         **state,
     )
 
+    long_recovery()
     bad_config()
     security = sh("systemd-analyze", "security", "--no-pager", UNIT, check=False).stdout
     match = re.search(r"Overall exposure level for edgeforward\.service: ([0-9.]+)", security)
@@ -358,6 +375,50 @@ def device_admitted_after_start() -> None:
         usb=errors(USB_NODE)[-1:],
         control=errors(OTHER_NODE)[-1:],
     )
+
+
+def long_recovery() -> None:
+    """A damaged buffer whose recovery outlasts TimeoutStartSec: the daemon asks for more time while it works
+    (EXTEND_TIMEOUT_USEC) and comes up once, not killed at the timeout and begun again forever."""
+    sh(VENV_PYTHON, "-c", FILL_BUFFER, str(BUFFER), str(RECOVERY_POINTS), timeout=600)
+    with BUFFER.open("r+b") as file:
+        file.seek(BUFFER.stat().st_size // 2)
+        file.write(os.urandom(65536))
+    # ... and the last writer crashed (a WAL left behind): the start reads every page before READY.
+    crash = (
+        f"import os, sqlite3; c = sqlite3.connect({str(BUFFER)!r}); "
+        "c.execute(\"INSERT OR REPLACE INTO meta VALUES ('crashed', '1')\"); c.commit(); os._exit(0)"
+    )
+    sh(VENV_PYTHON, "-c", crash)
+    owner = BUFFER.parent.stat()
+    for path in BUFFER.parent.glob(BUFFER.name + "*"):
+        os.chown(path, owner.st_uid, owner.st_gid)
+    TIMEOUT_DROP_IN.write_text(f"[Service]\nTimeoutStartSec={SHORT_START_TIMEOUT_S}\n")
+    sh("systemctl", "daemon-reload")
+    try:
+        before = show("NRestarts")
+        since = time.time()
+        started = sh("systemctl", "start", UNIT, check=False, timeout=600)
+        state = show("ActiveState", "NRestarts", "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
+        ready_s = (int(state["ActiveEnterTimestampMonotonic"]) - int(state["ExecMainStartTimestampMonotonic"])) / 1e6
+        recovered = [e for e in events(journal("--since", f"@{since:.0f}")) if e.get("event") == "buffer_recovered"]
+        report(
+            "long_recovery_extends_the_start_timeout",
+            started.returncode == 0
+            and state["ActiveState"] == "active"
+            and state["NRestarts"] == before["NRestarts"]
+            and len(recovered) == 1
+            and ready_s > SHORT_START_TIMEOUT_S,
+            ready_s=round(ready_s, 1),
+            timeout_start_s=SHORT_START_TIMEOUT_S,
+            recoveries=len(recovered),
+            lost_points=recovered[0].get("lost_points") if recovered else None,
+            **state,
+        )
+    finally:
+        sh("systemctl", "stop", UNIT, check=False)
+        TIMEOUT_DROP_IN.unlink()
+        sh("systemctl", "daemon-reload")
 
 
 def bad_config() -> None:

@@ -22,13 +22,15 @@ from typing import Any
 import aiohttp
 import pytest
 
+from edgeforward import notify
 from edgeforward.cloudsim import CloudSim
 from edgeforward.config import load_config
+from edgeforward.daemon import Daemon
 from edgeforward.forward import Forwarder, WaitReason
 from edgeforward.metrics import DaemonView, health
-from edgeforward.notify import Notifier, ProgressMonitor, watchdog_interval_s
+from edgeforward.notify import Notifier, ProgressMonitor, StartExtender, watchdog_interval_s
 from edgeforward.points import Point
-from edgeforward.store import Buffer
+from edgeforward.store import Buffer, Progress
 from edgeforward.timebase import next_utc_month_s
 
 from .conftest import TOKEN, Pty, open_buffer, wait_for, write_config
@@ -302,3 +304,65 @@ def test_unit_verifies_with_an_installed_executable(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0 and "edgeforward.service" not in result.stderr, result.stderr
+
+
+def test_start_extender_asks_for_time_only_while_the_preparation_progresses(abstract_socket: NotifySocket) -> None:
+    progress = Progress()
+    notifier = Notifier(abstract_socket.address)
+    extender = StartExtender(notifier, progress)
+    assert not extender.tick()  # nothing done since it began watching
+    progress.step()
+    assert extender.tick()
+    assert not extender.tick()  # stuck: no extension, so systemd's own start timeout stands
+    progress.enter("recovering the damaged buffer")
+    assert extender.tick()
+    notifier.close()
+    abstract_socket.drain()
+    usec = str(int(notify.START_EXTEND_BY_S * 1_000_000))
+    assert [f for _, f in abstract_socket.messages] == [
+        {"EXTEND_TIMEOUT_USEC": usec, "STATUS": "starting: opening the buffer"},
+        {"EXTEND_TIMEOUT_USEC": usec, "STATUS": "starting: recovering the damaged buffer"},
+    ]
+
+
+async def test_daemon_asks_for_more_start_time_while_it_recovers_a_damaged_buffer(
+    tmp_path: Path,
+    cloud: CloudSim,
+    pty_port: Pty,
+    abstract_socket: NotifySocket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A recovery outlasting TimeoutStartSec (a 10 M-point file takes about 90 s on this machine's SSD) must not
+    # be killed and begun again forever: while it progresses, systemd hears EXTEND_TIMEOUT_USEC before READY.
+    path = tmp_path / "buffer.db"
+    async with open_buffer(path) as buffer:
+        for first in range(0, 200_000, 20_000):
+            await buffer.submit(
+                [Point("pump", 1, 1_764_000_000_000 + i, float(i)) for i in range(first, first + 20_000)]
+            )
+    with path.open("r+b") as file:
+        file.seek(path.stat().st_size // 2)
+        file.write(os.urandom(16384))
+    # ... and the last process to write it crashed (a WAL left behind): the start checks every page, before READY.
+    crash = (
+        f"import os, sqlite3; c = sqlite3.connect({str(path)!r}); "
+        "c.execute(\"INSERT OR REPLACE INTO meta VALUES ('crashed', '1')\"); c.commit(); os._exit(0)"
+    )
+    await asyncio.to_thread(subprocess.run, [sys.executable, "-c", crash], check=True)
+    monkeypatch.setattr(notify, "START_EXTEND_EVERY_S", 0.02)
+    config = write_config(tmp_path, str(cloud.url), [{"path": pty_port.path, "device": "pump"}], [PUMP])
+    daemon = Daemon(load_config(config), notifier=Notifier(abstract_socket.address))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await wait_for(lambda: abstract_socket.has("READY", "1"), RECV_TIMEOUT_S)
+    finally:
+        stop.set()
+        await task
+    assert daemon.buffer.recovery is not None
+    fields = [f for _, f in abstract_socket.messages]
+    ready = next(i for i, f in enumerate(fields) if f.get("READY") == "1")
+    extensions = [f for f in fields[:ready] if "EXTEND_TIMEOUT_USEC" in f]
+    assert extensions and all(f["EXTEND_TIMEOUT_USEC"] == str(int(notify.START_EXTEND_BY_S * 1e6)) for f in extensions)
+    assert any(f["STATUS"] == "starting: recovering the damaged buffer" for f in extensions)
+    assert not any("EXTEND_TIMEOUT_USEC" in f for f in fields[ready:])

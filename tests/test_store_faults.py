@@ -257,17 +257,47 @@ async def test_kill9_during_recovery_at_random_points_keeps_the_ledger_exact(
     assert phases["during"] >= KILLS // 3, phases
 
 
-async def test_recovery_on_a_full_disk_leaves_the_damaged_file_and_recovers_once_there_is_room(
-    small_disk: Path,
-) -> None:
+async def _damaged_on_a_full_disk(small_disk: Path, points: int) -> tuple[Path, int, Path]:
+    """A buffer of `points` with 8 KiB of garbage in its middle, on a disk filled to the last byte."""
     path = small_disk / "buffer.db"
     async with open_buffer(path) as buf:
-        await buf.submit([Point("pump", 1, BASE_TS + i, float(i)) for i in range(20_000)])
+        for first in range(0, points, 20_000):
+            await buf.submit(
+                [Point("pump", 1, BASE_TS + i, float(i)) for i in range(first, min(points, first + 20_000))]
+            )
     size = path.stat().st_size
     with path.open("r+b") as file:
         file.seek(size // 2)
         file.write(random.Random(1).randbytes(8192))
-    filler = fill(small_disk)
+    return path, size, fill(small_disk)
+
+
+async def test_recovery_on_a_full_disk_builds_in_the_reserve_when_the_rows_fit(small_disk: Path) -> None:
+    # 20,000 points salvage into about 0.6 MB: the reserve released at start (1 MiB) holds the fresh file,
+    # which is written once (no WAL while it is built).
+    path, _, filler = await _damaged_on_a_full_disk(small_disk, 20_000)
+    buf = Buffer(path)
+    await buf.open()
+    try:
+        assert buf.recovery is not None and buf.recovery.lost_points > 0
+        counts = await buf.ledger("pump")
+        assert counts["received"] == 20_000
+        lost = buf.recovery.lost_points  # counted dropped: the ledger still adds up
+        assert (counts["queued"], counts["dropped"]) == (20_000 - lost, lost)
+        assert not _half_built(small_disk)
+    finally:
+        await buf.close()
+    filler.unlink()
+
+
+async def test_recovery_on_a_full_disk_leaves_the_damaged_file_and_recovers_once_there_is_room(
+    small_disk: Path,
+) -> None:
+    # 60,000 points need more room than the released reserve gives: the recovery stops, the damaged file stays.
+    path, size, filler = await _damaged_on_a_full_disk(small_disk, 60_000)
+    size = path.stat().st_size
+    with path.open("r+b") as file:
+        file.seek(size // 2)
     buf = Buffer(path)
     with pytest.raises(StoreError) as raised:
         await buf.open()
@@ -279,7 +309,7 @@ async def test_recovery_on_a_full_disk_leaves_the_damaged_file_and_recovers_once
     await buf.open()
     assert buf.recovery is not None
     counts = await buf.ledger("pump")
-    assert counts["received"] == 20_000 and counts["queued"] + counts["dropped"] == 20_000
+    assert counts["received"] == 60_000 and counts["queued"] + counts["dropped"] == 60_000
     await buf.close()
 
 

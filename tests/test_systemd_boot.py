@@ -229,6 +229,7 @@ def test_readme_install_under_systemd_as_pid_1(tmp_path: Path) -> None:
         "clock_read_under_the_unit",
         "watchdog_restart_loses_nothing",
         "stop_exits_0_quickly",
+        "long_recovery_extends_the_start_timeout",
         "bad_config_fails_without_restarts",
         "journal_priorities",
         "exposure",

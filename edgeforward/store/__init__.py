@@ -20,7 +20,7 @@ from .errors import (
     StoreLockedError,
 )
 from .lease import Budget
-from .recovery import Recovery
+from .recovery import Progress, Recovery
 from .schema import (
     BUSY_TIMEOUT_MS,
     LEDGER_FIELDS,
@@ -46,6 +46,7 @@ __all__ = [
     "DeliveryPath",
     "IngestFailedError",
     "OpKind",
+    "Progress",
     "QueuedPoint",
     "Recovery",
     "ResendKey",

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .filing import FILED, UNFILED, FilingPlan
 from .lease import Budget, Lease
-from .recovery import CheckInterrupted, Recovery, check_file, prepare_file, recover_file
+from .recovery import CheckInterrupted, Progress, Recovery, check_file, prepare_file, recover_file
 from .schema import (
     BUSY_TIMEOUT_MS,
     LEDGER_FIELDS,
@@ -222,6 +222,7 @@ class Buffer:
         self._verify_conn: sqlite3.Connection | None = None
         self.commits = 0
         self.recovery: Recovery | None = None
+        self.startup = Progress()  # how far open() has got checking, recovering and migrating the file
         self._filing = FilingPlan(0)
         self._unsettled: set[asyncio.Future[Any]] = set()  # deliveries queued and not yet committed
         self._leases: dict[int, Lease] = {}  # device id -> its budget lease (store/lease.py)
@@ -254,7 +255,7 @@ class Buffer:
                 if capacity.free_bytes(self.path) < capacity.RESUME_FREE_BYTES:
                     # Starting on a full disk: the reserve's room lets the file open, drain and free space.
                     self._reserve_released = await asyncio.to_thread(capacity.release_reserve, self.path)
-                self.recovery = await asyncio.to_thread(prepare_file, self.path, full_check=full)
+                self.recovery = await asyncio.to_thread(prepare_file, self.path, full_check=full, progress=self.startup)
             await self._connect()
             if not daemon_elsewhere:
                 await asyncio.to_thread(capacity.make_reserve, self.path)

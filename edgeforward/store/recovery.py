@@ -48,6 +48,38 @@ SALVAGE_COPY_SUFFIX: Final = ".salvage-tmp"
 COMPANIONS: Final = ("-wal", "-shm", "-journal")
 # Below this much free space an error opening the file is taken for a full disk, not for damage.
 FULL_DISK_BYTES: Final = 64 * 1024
+# Preparing the file counts a step every this many SQLite instructions (and every batch a recovery copies).
+PROGRESS_EVERY_OPS: Final = 100_000
+
+
+class Progress:
+    """How far preparing the file has got: what it is doing, and a count that grows while it works.
+
+    The thread that prepares the file writes it; the event loop reads it (an int and a str: no lock needed) to
+    ask systemd for more start-up time while the count grows (notify.StartExtender): a recovery of a large file
+    outlasts any fixed start timeout, a stuck one stops growing.
+    """
+
+    def __init__(self) -> None:
+        self.phase = "opening the buffer"
+        self.steps = 0
+
+    def enter(self, phase: str) -> None:
+        """Start the next phase (a step of its own)."""
+        self.phase = phase
+        self.steps += 1
+
+    def step(self) -> None:
+        """Count one more piece of work done."""
+        self.steps += 1
+
+    def watch(self, conn: sqlite3.Connection) -> None:
+        """Count the work of every statement `conn` runs, however long one of them takes."""
+        conn.set_progress_handler(self._on_progress, PROGRESS_EVERY_OPS)
+
+    def _on_progress(self) -> int:
+        self.steps += 1
+        return 0  # go on
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +124,19 @@ class Recovery:
         )
 
 
-def prepare_file(path: Path, *, full_check: bool = True) -> Recovery | None:
+def prepare_file(path: Path, *, full_check: bool = True, progress: Progress | None = None) -> Recovery | None:
     """Make `path` a healthy buffer of the current schema; recover a damaged one. Raises StoreError."""
+    progress = progress if progress is not None else Progress()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         recovery = finish_interrupted_recovery(path)
-        problem = check_file(path, full=full_check)
+        progress.enter("checking the buffer" + (" (every page)" if full_check else ""))
+        problem = check_file(path, full=full_check, on_connect=progress.watch)
         if problem is not None:
-            recovery = recover_file(path, problem)
+            recovery = recover_file(path, problem, progress)
+        progress.enter("migrating the buffer")
         with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
+            progress.watch(conn)
             migrate(conn)
     except StoreError:
         raise
@@ -243,20 +279,27 @@ def _aside_name(path: Path) -> Path:
     return aside
 
 
-def recover_file(path: Path, reason: str) -> Recovery:
+def recover_file(path: Path, reason: str, progress: Progress | None = None) -> Recovery:
     """Salvage every readable row into a fresh file beside the damaged one, then swap them; never delete it.
 
     A kill at any moment leaves either the damaged file in place (recovered again at the next start) or the
     complete fresh file (swapped in by the next start): never an empty buffer in front of the data.
     """
     log.error("buffer_damaged", reason=reason, path=str(path))
+    progress = progress if progress is not None else Progress()
+    progress.enter("recovering the damaged buffer")
     aside = _aside_name(path)
     building = path.with_name(path.name + BUILDING_SUFFIX)
     built = path.with_name(path.name + BUILT_SUFFIX)
     try:
         with contextlib.closing(sqlite3.connect(building, isolation_level=None)) as fresh:
+            progress.watch(fresh)
             migrate(fresh)
-            salvaged, unreadable, previous = _salvage(path, fresh)
+            # A scratch file until it is fsynced and renamed (a crash before that discards it): no journal, no
+            # syncs, so a recovery writes the salvaged rows once, not through a WAL and then again.
+            fresh.execute("PRAGMA journal_mode = OFF")
+            fresh.execute("PRAGMA synchronous = OFF")
+            salvaged, unreadable, previous = _salvage(path, fresh, progress)
             lost = _reconcile(fresh)
             recovery = Recovery(
                 at_ms=time.time_ns() // 1_000_000,
@@ -271,8 +314,7 @@ def recover_file(path: Path, reason: str) -> Recovery:
                 SET_META,
                 [(META_RECOVERY, recovery.as_meta()), (META_RECOVERIES, str(previous + 1))],
             )
-            fresh.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            fresh.execute("PRAGMA journal_mode = DELETE")  # no WAL beside the file while it is renamed
+            fresh.execute("PRAGMA journal_mode = DELETE")  # a plain file, no WAL beside it, while it is renamed
         _fsync(building)
         os.replace(building, built)
         _fsync(path.parent)
@@ -294,7 +336,7 @@ def recover_file(path: Path, reason: str) -> Recovery:
     return recovery
 
 
-def _salvage(damaged: Path, fresh: sqlite3.Connection) -> tuple[dict[str, int], int, int]:
+def _salvage(damaged: Path, fresh: sqlite3.Connection, progress: Progress) -> tuple[dict[str, int], int, int]:
     """Copy every readable row of the damaged file into `fresh`; return rows per table, unreadable ranges and
     the number of recoveries the damaged file had counted."""
     salvaged = dict.fromkeys(SALVAGE_TABLES, 0)
@@ -304,6 +346,7 @@ def _salvage(damaged: Path, fresh: sqlite3.Connection) -> tuple[dict[str, int], 
     source = _open_damaged(damaged, repaired)
     if source is None:
         return salvaged, 0, 0
+    progress.watch(source)
     unreadable = 0
     previous = 0
     expected = expected_columns()
@@ -324,6 +367,7 @@ def _salvage(damaged: Path, fresh: sqlite3.Connection) -> tuple[dict[str, int], 
                 unreadable += bad
                 fresh.executemany(insert, rows)
                 salvaged[table] += len(rows)
+                progress.step()
         fresh.execute("DELETE FROM meta WHERE key IN ('pid', 'running')")
         row = fresh.execute("SELECT value FROM meta WHERE key = ?", (META_RECOVERIES,)).fetchone()
         previous = int(row[0]) if row and str(row[0]).isdigit() else 0

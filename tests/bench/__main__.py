@@ -17,7 +17,7 @@ from edgeforward.logs import configure_logging
 
 from .common import Result, fmt, machine
 
-BENCHES = ("ingest", "serial", "drain", "reconnect", "memory", "idle", "footprint", "wear", "startup")
+BENCHES = ("ingest", "serial", "drain", "reconnect", "memory", "idle", "footprint", "wear", "layout", "startup")
 
 
 def _row(result: Result) -> str:
