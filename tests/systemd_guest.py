@@ -377,6 +377,15 @@ def device_admitted_after_start() -> None:
     )
 
 
+def crashed_writer(db: Path) -> str:
+    """A program that commits a row to buffer `db` and dies without closing it: its WAL is left behind, as after a
+    crash, so the next start checks every page before READY. (Also used by tests/test_notify.py.)"""
+    return (
+        f"import os, sqlite3; c = sqlite3.connect({str(db)!r}); "
+        "c.execute(\"INSERT OR REPLACE INTO meta VALUES ('crashed', '1')\"); c.commit(); os._exit(0)"
+    )
+
+
 def long_recovery() -> None:
     """A damaged buffer whose recovery outlasts TimeoutStartSec: the daemon asks for more time while it works
     (EXTEND_TIMEOUT_USEC) and comes up once, not killed at the timeout and begun again forever."""
@@ -385,11 +394,7 @@ def long_recovery() -> None:
         file.seek(BUFFER.stat().st_size // 2)
         file.write(os.urandom(65536))
     # ... and the last writer crashed (a WAL left behind): the start reads every page before READY.
-    crash = (
-        f"import os, sqlite3; c = sqlite3.connect({str(BUFFER)!r}); "
-        "c.execute(\"INSERT OR REPLACE INTO meta VALUES ('crashed', '1')\"); c.commit(); os._exit(0)"
-    )
-    sh(VENV_PYTHON, "-c", crash)
+    sh(VENV_PYTHON, "-c", crashed_writer(BUFFER))
     owner = BUFFER.parent.stat()
     for path in BUFFER.parent.glob(BUFFER.name + "*"):
         os.chown(path, owner.st_uid, owner.st_gid)

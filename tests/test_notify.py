@@ -36,6 +36,7 @@ from edgeforward.timebase import next_utc_month_s
 from .conftest import TOKEN, Pty, open_buffer, wait_for, write_config
 from .fakeclock import FakeClock
 from .forward.rig import MID_MONTH, PINS, make_config, rig, sim_cloud
+from .systemd_guest import crashed_writer
 
 PUMP = {"name": "pump", "token": TOKEN, "pins": {"v1": "double", "v2": "integer"}}
 WATCHDOG_USEC = 600_000  # pings every 0.3 s
@@ -344,11 +345,7 @@ async def test_daemon_asks_for_more_start_time_while_it_recovers_a_damaged_buffe
         file.seek(path.stat().st_size // 2)
         file.write(os.urandom(16384))
     # ... and the last process to write it crashed (a WAL left behind): the start checks every page, before READY.
-    crash = (
-        f"import os, sqlite3; c = sqlite3.connect({str(path)!r}); "
-        "c.execute(\"INSERT OR REPLACE INTO meta VALUES ('crashed', '1')\"); c.commit(); os._exit(0)"
-    )
-    await asyncio.to_thread(subprocess.run, [sys.executable, "-c", crash], check=True)
+    await asyncio.to_thread(subprocess.run, [sys.executable, "-c", crashed_writer(path)], check=True)
     monkeypatch.setattr(notify, "START_EXTEND_EVERY_S", 0.02)
     config = write_config(tmp_path, str(cloud.url), [{"path": pty_port.path, "device": "pump"}], [PUMP])
     daemon = Daemon(load_config(config), notifier=Notifier(abstract_socket.address))
