@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -36,6 +37,10 @@ from .schema import (
 log = structlog.get_logger(__name__)
 
 SALVAGE_BATCH_ROWS: Final = 1000
+# A salvage copies a table in row-id ranges this wide, each by one statement; a range that does not read is
+# copied row by row. More ranges than this (very sparse row ids) and the table is one range.
+SALVAGE_CHUNK_ROWIDS: Final = 100_000
+SALVAGE_MAX_CHUNKS: Final = 100_000
 MIN_ROWID: Final = -(2**63)
 MAX_ROWID: Final = 2**63 - 1
 SQLITE_HEADER_BYTES: Final = 100
@@ -46,6 +51,7 @@ BUILDING_SUFFIX: Final = ".recovering"
 BUILT_SUFFIX: Final = ".recovered"
 SALVAGE_COPY_SUFFIX: Final = ".salvage-tmp"
 COMPANIONS: Final = ("-wal", "-shm", "-journal")
+_DAMAGED: Final = "damaged"  # the schema name the damaged file is attached under while it is salvaged
 # Below this much free space an error opening the file is taken for a full disk, not for damage.
 FULL_DISK_BYTES: Final = 64 * 1024
 # Preparing the file counts a step every this many SQLite instructions (and every batch a recovery copies).
@@ -292,12 +298,14 @@ def recover_file(path: Path, reason: str, progress: Progress | None = None) -> R
     building = path.with_name(path.name + BUILDING_SUFFIX)
     built = path.with_name(path.name + BUILT_SUFFIX)
     try:
-        with contextlib.closing(sqlite3.connect(building, isolation_level=None)) as fresh:
+        # URI processing on: the damaged file is attached to it by a URI (read-only or immutable).
+        with contextlib.closing(sqlite3.connect(f"file:{building}", uri=True, isolation_level=None)) as fresh:
             progress.watch(fresh)
             migrate(fresh)
-            # A scratch file until it is fsynced and renamed (a crash before that discards it): no journal, no
-            # syncs, so a recovery writes the salvaged rows once, not through a WAL and then again.
-            fresh.execute("PRAGMA journal_mode = OFF")
+            # A scratch file until it is fsynced and renamed (a crash before that discards it): its journal in
+            # memory (a new file's pages need none: a rollback only forgets them), no syncs, so a recovery writes
+            # the salvaged rows once, not through a WAL and then again.
+            fresh.execute("PRAGMA journal_mode = MEMORY")
             fresh.execute("PRAGMA synchronous = OFF")
             salvaged, unreadable, previous = _salvage(path, fresh, progress)
             lost = _reconcile(fresh)
@@ -343,15 +351,16 @@ def _salvage(damaged: Path, fresh: sqlite3.Connection, progress: Progress) -> tu
     if not damaged.is_file():
         return salvaged, 0, 0
     repaired = damaged.with_name(damaged.name + SALVAGE_COPY_SUFFIX)
-    source = _open_damaged(damaged, repaired)
-    if source is None:
+    opened = _open_damaged(damaged, repaired)
+    if opened is None:
         return salvaged, 0, 0
+    source, uri = opened
     progress.watch(source)
     unreadable = 0
     previous = 0
     expected = expected_columns()
     try:
-        fresh.execute("BEGIN IMMEDIATE")
+        fresh.execute(f"ATTACH DATABASE ? AS {_DAMAGED}", (uri,))
         # The damaged file's mark says which of its points its ledger had not counted yet (store/counting.py).
         fresh.execute("DELETE FROM meta WHERE key = ?", (META_COUNTED_BELOW,))
         for table in SALVAGE_TABLES:
@@ -362,29 +371,82 @@ def _salvage(damaged: Path, fresh: sqlite3.Connection, progress: Progress) -> tu
             columns = [c for c in expected[table] if c in present]
             if not columns:
                 continue
-            insert = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            for rows, bad in _readable_rows(source, table, columns):
-                unreadable += bad
-                fresh.executemany(insert, rows)
-                salvaged[table] += len(rows)
+            ranges = [(MIN_ROWID, MAX_ROWID)] if table == "import_seen" else _rowid_ranges(source, table)
+            for low, high in ranges:
+                copied = _copy_range(fresh, table, columns, low, high)
                 progress.step()
+                if copied is not None:
+                    salvaged[table] += copied
+                    continue
+                # A page in this range does not read: row by row, stepping over the ranges that do not.
+                names, marks = ", ".join(columns), ", ".join("?" * len(columns))
+                fresh.execute("BEGIN")  # deferred: IMMEDIATE would ask the read-only damaged file for a write lock
+                for rows, bad in _readable_rows(source, table, columns, low, high):
+                    unreadable += bad
+                    fresh.executemany(f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})", rows)
+                    salvaged[table] += len(rows)
+                    progress.step()
+                fresh.execute("COMMIT")
         fresh.execute("DELETE FROM meta WHERE key IN ('pid', 'running')")
         row = fresh.execute("SELECT value FROM meta WHERE key = ?", (META_RECOVERIES,)).fetchone()
         previous = int(row[0]) if row and str(row[0]).isdigit() else 0
-        fresh.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             fresh.execute("ROLLBACK")
         raise
     finally:
+        with contextlib.suppress(sqlite3.Error):
+            fresh.execute(f"DETACH DATABASE {_DAMAGED}")
         source.close()
         with contextlib.suppress(FileNotFoundError):
             repaired.unlink()
     return salvaged, unreadable, previous
 
 
-def _open_damaged(damaged: Path, repaired: Path) -> sqlite3.Connection | None:
-    """Open the damaged file read-only (with its WAL, else without it, else a copy with a rebuilt header)."""
+def _rowid_ranges(source: sqlite3.Connection, table: str) -> list[tuple[int, int]]:
+    """Row-id ranges [low, high] covering the table, SALVAGE_CHUNK_ROWIDS wide (one range: its ends do not read)."""
+    try:
+        first = source.execute(f"SELECT MIN(rowid) FROM {table}").fetchone()[0]
+        last = source.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0]
+    except sqlite3.Error:
+        return [(MIN_ROWID, MAX_ROWID)]
+    if first is None or last is None:
+        return []
+    if (last - first) // SALVAGE_CHUNK_ROWIDS > SALVAGE_MAX_CHUNKS:  # sparse ids: the ranges would be empty
+        return [(MIN_ROWID, MAX_ROWID)]
+    starts = [MIN_ROWID, *range(first + SALVAGE_CHUNK_ROWIDS, last + 1, SALVAGE_CHUNK_ROWIDS)]
+    return [(low, next_low - 1) for low, next_low in itertools.pairwise([*starts, MAX_ROWID + 1])]
+
+
+def _copy_range(fresh: sqlite3.Connection, table: str, columns: list[str], low: int, high: int) -> int | None:
+    """Copy the rows of ids [low, high] of a table of the attached damaged file in one statement (SQLite's own
+    loop, not a row at a time through Python: several times faster); None when a page in it does not read
+    (nothing of the range is kept: the caller copies it row by row). Raises what is not damage (a full disk)."""
+    names = ", ".join(columns)
+    select = f"SELECT {names} FROM {_DAMAGED}.{table} WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
+    params: tuple[int, ...] = (low, high)
+    if table == "import_seen":  # WITHOUT ROWID: the whole table, in its key's order
+        select, params = f"SELECT {names} FROM {_DAMAGED}.{table}", ()
+    fresh.execute("BEGIN")  # deferred: IMMEDIATE would ask the read-only damaged file for a write lock
+    try:
+        cursor = fresh.execute(f"INSERT OR IGNORE INTO main.{table} ({names}) {select}", params)
+    except sqlite3.DatabaseError as exc:
+        with contextlib.suppress(sqlite3.Error):
+            fresh.execute("ROLLBACK")
+        if _is_full(exc):
+            raise
+        return None
+    fresh.execute("COMMIT")
+    return max(0, cursor.rowcount)
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
+
+
+def _open_damaged(damaged: Path, repaired: Path) -> tuple[sqlite3.Connection, str] | None:
+    """Open the damaged file read-only (with its WAL, else without it, else a copy with a rebuilt header);
+    return the connection and the URI it was opened by."""
     for uri in (f"file:{damaged}?mode=ro", f"file:{damaged}?immutable=1"):
         try:
             source = sqlite3.connect(uri, uri=True)
@@ -392,7 +454,7 @@ def _open_damaged(damaged: Path, repaired: Path) -> sqlite3.Connection | None:
         except sqlite3.Error:
             continue
         if tables:
-            return source
+            return source, uri
         source.close()
     try:
         shutil.copyfile(damaged, repaired)
@@ -406,9 +468,10 @@ def _open_damaged(damaged: Path, repaired: Path) -> sqlite3.Connection | None:
     for page_size in _page_sizes(repaired):
         try:
             _rebuild_header(repaired, page_size)
-            source = sqlite3.connect(f"file:{repaired}?immutable=1", uri=True)
+            uri = f"file:{repaired}?immutable=1"
+            source = sqlite3.connect(uri, uri=True)
             if source.execute("SELECT COUNT(*) FROM sqlite_schema WHERE name = 'points'").fetchone()[0]:
-                return source
+                return source, uri
             source.close()
         except sqlite3.Error as exc:
             error = str(exc)
@@ -446,9 +509,9 @@ def _rebuild_header(copy: Path, page_size: int) -> None:
 
 
 def _readable_rows(
-    source: sqlite3.Connection, table: str, columns: list[str]
+    source: sqlite3.Connection, table: str, columns: list[str], low: int = MIN_ROWID, high: int = MAX_ROWID
 ) -> Iterator[tuple[list[tuple[Any, ...]], int]]:
-    """Yield (rows, unreadable ranges) in rowid order, stepping over ranges that cannot be read."""
+    """Yield (rows, unreadable ranges) of row ids [low, high] in order, stepping over ranges that cannot be read."""
     rowid = "rowid" if table != "import_seen" else "device, pin, ts"
     if table == "import_seen":
         # A WITHOUT ROWID table has no rowid to step over a bad range with: take what reads in one pass.
@@ -461,13 +524,13 @@ def _readable_rows(
             return
         yield rows, 0
         return
-    select = f"SELECT {rowid}, {', '.join(columns)} FROM {table} WHERE rowid >= ? ORDER BY rowid"
-    start = MIN_ROWID
+    select = f"SELECT {rowid}, {', '.join(columns)} FROM {table} WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
+    start = low
     while True:
         rows = []
         last: int | None = None
         try:
-            for row in source.execute(select, (start,)):
+            for row in source.execute(select, (start, high)):
                 rows.append(row[1:])
                 last = int(row[0])
                 if len(rows) >= SALVAGE_BATCH_ROWS:
@@ -477,7 +540,7 @@ def _readable_rows(
             yield rows, 1
             resume = last + 1 if last is not None else start + 1
             found = _next_readable(source, table, resume)
-            if found is None:
+            if found is None or found > high:
                 return
             start = found
             continue
