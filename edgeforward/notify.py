@@ -94,8 +94,8 @@ class Notifier:
 class StartExtender:
     """Asks systemd for more start-up time while the buffer's preparation makes progress (EXTEND_TIMEOUT_USEC).
 
-    A recovery of a damaged 10 M-point buffer takes longer than the unit's TimeoutStartSec (99 s on an x86 SSD,
-    minutes on an SD card): killed at the timeout, the daemon would start the recovery again, forever. Each
+    A recovery of a damaged 10 M-point buffer can take longer than the unit's TimeoutStartSec (34 s on an x86
+    VM, minutes on an SD card): killed at the timeout, the daemon would start the recovery again, forever. Each
     extension lasts START_EXTEND_BY_S; once the preparation stops making progress none is asked for, and the
     unit's timeout stands.
     """
