@@ -115,7 +115,9 @@ class StartExtender:
         return self._notifier.send(f"EXTEND_TIMEOUT_USEC={usec}", f"STATUS=starting: {self._progress.phase}")
 
     async def run(self) -> None:
-        """Tick every START_EXTEND_EVERY_S until cancelled (at the end of the preparation)."""
+        """Ask at once (the preparation begins: a start timeout of a few seconds must not end it before the first
+        tick), then tick every START_EXTEND_EVERY_S until cancelled."""
+        self._notifier.send(f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_BY_S * 1_000_000)}")
         while True:
             await asyncio.sleep(START_EXTEND_EVERY_S)
             self.tick()

@@ -25,7 +25,6 @@ import pytest
 from edgeforward import notify
 from edgeforward.cloudsim import CloudSim
 from edgeforward.config import load_config
-from edgeforward.daemon import Daemon
 from edgeforward.forward import Forwarder, WaitReason
 from edgeforward.metrics import DaemonView, health
 from edgeforward.notify import Notifier, ProgressMonitor, StartExtender, watchdog_interval_s
@@ -36,7 +35,6 @@ from edgeforward.timebase import next_utc_month_s
 from .conftest import TOKEN, Pty, open_buffer, wait_for, write_config
 from .fakeclock import FakeClock
 from .forward.rig import MID_MONTH, PINS, make_config, rig, sim_cloud
-from .systemd_guest import crashed_writer
 
 PUMP = {"name": "pump", "token": TOKEN, "pins": {"v1": "double", "v2": "integer"}}
 WATCHDOG_USEC = 600_000  # pings every 0.3 s
@@ -324,42 +322,3 @@ def test_start_extender_asks_for_time_only_while_the_preparation_progresses(abst
         {"EXTEND_TIMEOUT_USEC": usec, "STATUS": "starting: opening the buffer"},
         {"EXTEND_TIMEOUT_USEC": usec, "STATUS": "starting: recovering the damaged buffer"},
     ]
-
-
-async def test_daemon_asks_for_more_start_time_while_it_recovers_a_damaged_buffer(
-    tmp_path: Path,
-    cloud: CloudSim,
-    pty_port: Pty,
-    abstract_socket: NotifySocket,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A recovery outlasting TimeoutStartSec (a 10 M-point file: 34 s on an x86 VM, minutes on an SD card) must not
-    # be killed and begun again forever: while it progresses, systemd hears EXTEND_TIMEOUT_USEC before READY.
-    path = tmp_path / "buffer.db"
-    async with open_buffer(path) as buffer:
-        for first in range(0, 200_000, 20_000):
-            await buffer.submit(
-                [Point("pump", 1, 1_764_000_000_000 + i, float(i)) for i in range(first, first + 20_000)]
-            )
-    with path.open("r+b") as file:
-        file.seek(path.stat().st_size // 2)
-        file.write(os.urandom(16384))
-    # ... and the last process to write it crashed (a WAL left behind): the start checks every page, before READY.
-    await asyncio.to_thread(subprocess.run, [sys.executable, "-c", crashed_writer(path)], check=True)
-    monkeypatch.setattr(notify, "START_EXTEND_EVERY_S", 0.02)
-    config = write_config(tmp_path, str(cloud.url), [{"path": pty_port.path, "device": "pump"}], [PUMP])
-    daemon = Daemon(load_config(config), notifier=Notifier(abstract_socket.address))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    try:
-        await wait_for(lambda: abstract_socket.has("READY", "1"), RECV_TIMEOUT_S)
-    finally:
-        stop.set()
-        await task
-    assert daemon.buffer.recovery is not None
-    fields = [f for _, f in abstract_socket.messages]
-    ready = next(i for i, f in enumerate(fields) if f.get("READY") == "1")
-    extensions = [f for f in fields[:ready] if "EXTEND_TIMEOUT_USEC" in f]
-    assert extensions and all(f["EXTEND_TIMEOUT_USEC"] == str(int(notify.START_EXTEND_BY_S * 1e6)) for f in extensions)
-    assert any(f["STATUS"] == "starting: recovering the damaged buffer" for f in extensions)
-    assert not any("EXTEND_TIMEOUT_USEC" in f for f in fields[ready:])

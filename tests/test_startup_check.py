@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from edgeforward import notify
+from edgeforward.cloudsim import CloudSim
+from edgeforward.config import load_config
+from edgeforward.daemon import Daemon
+from edgeforward.notify import Notifier
+from edgeforward.points import Point
 from edgeforward.store import Buffer, counting, recovery
 from edgeforward.store.buffer import _stopped_uncleanly
 from edgeforward.store.recovery import check_file
 
-from .conftest import open_buffer
+from .conftest import Pty, open_buffer, wait_for, write_config
+from .systemd_guest import crashed_writer
+from .test_notify import PUMP, RECV_TIMEOUT_S, NotifySocket
 
 POINTS = 400_000
 BASE_TS = 1_764_000_000_000
@@ -101,3 +114,49 @@ def test_a_salvage_in_many_ranges_keeps_what_one_range_keeps(tmp_path: Path, mon
         outcomes.append((found.salvaged, found.lost_points, ids))
     assert outcomes[0] == outcomes[1]
     assert 0 < outcomes[0][1] < POINTS and outcomes[0][0]["points"] == POINTS - outcomes[0][1]
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    listener = NotifySocket(f"@edgeforward-startup-{uuid.uuid4().hex}")
+    yield listener
+    listener.close()
+
+
+async def test_daemon_asks_for_more_start_time_while_it_recovers_a_damaged_buffer(
+    tmp_path: Path,
+    cloud: CloudSim,
+    pty_port: Pty,
+    notify_socket: NotifySocket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A recovery outlasting TimeoutStartSec (a 10 M-point file: 34 s on an x86 VM, minutes on an SD card) must not
+    # be killed and begun again forever: while it progresses, systemd hears EXTEND_TIMEOUT_USEC before READY.
+    path = tmp_path / "buffer.db"
+    async with open_buffer(path) as buffer:
+        for first in range(0, 200_000, 20_000):
+            await buffer.submit(
+                [Point("pump", 1, 1_764_000_000_000 + i, float(i)) for i in range(first, first + 20_000)]
+            )
+    with path.open("r+b") as file:
+        file.seek(path.stat().st_size // 2)
+        file.write(os.urandom(16384))
+    # ... and the last process to write it crashed (a WAL left behind): the start checks every page, before READY.
+    await asyncio.to_thread(subprocess.run, [sys.executable, "-c", crashed_writer(path)], check=True)
+    monkeypatch.setattr(notify, "START_EXTEND_EVERY_S", 0.02)
+    config = write_config(tmp_path, str(cloud.url), [{"path": pty_port.path, "device": "pump"}], [PUMP])
+    daemon = Daemon(load_config(config), notifier=Notifier(notify_socket.address))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await wait_for(lambda: notify_socket.has("READY", "1"), RECV_TIMEOUT_S)
+    finally:
+        stop.set()
+        await task
+    assert daemon.buffer.recovery is not None
+    fields = [f for _, f in notify_socket.messages]
+    ready = next(i for i, f in enumerate(fields) if f.get("READY") == "1")
+    extensions = [f for f in fields[:ready] if "EXTEND_TIMEOUT_USEC" in f]
+    assert extensions and all(f["EXTEND_TIMEOUT_USEC"] == str(int(notify.START_EXTEND_BY_S * 1e6)) for f in extensions)
+    assert any(f.get("STATUS") == "starting: recovering the damaged buffer" for f in extensions)
+    assert not any("EXTEND_TIMEOUT_USEC" in f for f in fields[ready:])
