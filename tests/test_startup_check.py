@@ -1,4 +1,5 @@
-"""Start-up after a clean stop reads little before READY, and a stop during the background check stays clean."""
+"""Start-up: little is read before READY after a clean stop (a stop during the background check stays clean), a
+damaged file is salvaged range by range, and systemd is asked for more start-up time while that goes on."""
 
 from __future__ import annotations
 
