@@ -111,13 +111,15 @@ class StartExtender:
         if steps == self._seen:
             return False
         self._seen = steps
-        usec = int(START_EXTEND_BY_S * 1_000_000)
-        return self._notifier.send(f"EXTEND_TIMEOUT_USEC={usec}", f"STATUS=starting: {self._progress.phase}")
+        return self._extend(f"STATUS=starting: {self._progress.phase}")
+
+    def _extend(self, *also: str) -> bool:
+        return self._notifier.send(f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_BY_S * 1_000_000)}", *also)
 
     async def run(self) -> None:
         """Ask at once (the preparation begins: a start timeout of a few seconds must not end it before the first
         tick), then tick every START_EXTEND_EVERY_S until cancelled."""
-        self._notifier.send(f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_BY_S * 1_000_000)}")
+        self._extend()
         while True:
             await asyncio.sleep(START_EXTEND_EVERY_S)
             self.tick()

@@ -17,7 +17,7 @@ from typing import Any, Final
 import structlog
 
 from . import counting
-from .errors import StoreError, StoreFullError, wrap
+from .errors import StoreError, StoreFullError, is_full, wrap
 from .schema import (
     BUSY_TIMEOUT_MS,
     LEDGER_FIELDS,
@@ -433,15 +433,11 @@ def _copy_range(fresh: sqlite3.Connection, table: str, columns: list[str], low: 
     except sqlite3.DatabaseError as exc:
         with contextlib.suppress(sqlite3.Error):
             fresh.execute("ROLLBACK")
-        if _is_full(exc):
+        if is_full(exc):
             raise
         return None
     fresh.execute("COMMIT")
     return max(0, cursor.rowcount)
-
-
-def _is_full(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
 
 
 def _open_damaged(damaged: Path, repaired: Path) -> tuple[sqlite3.Connection, str] | None:
