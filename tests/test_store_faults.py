@@ -171,6 +171,9 @@ async def test_starts_on_a_full_disk_and_drains(
 
 RECOVERY_POINTS = 200_000
 KILLS = int(os.environ.get("EDGEFORWARD_RECOVERY_KILLS", "24"))
+# Each kill is a daemon start, a recovery cut short (or finished) and one finished by the next open: about 3 s
+# of recovery twice on this machine, so 24 kills take 120-140 s, over the suite's 120 s default on a busy run.
+KILL_ROUND_TIMEOUT_S = 20
 
 
 async def build_damaged(path: Path) -> None:
@@ -206,6 +209,7 @@ def ledger_of(path: Path) -> dict[str, int]:
     }
 
 
+@pytest.mark.timeout(KILLS * KILL_ROUND_TIMEOUT_S + 120)
 async def test_kill9_during_recovery_at_random_points_keeps_the_ledger_exact(
     tmp_path: Path, cloud: CloudSim, pty_port: Pty
 ) -> None:
