@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 STOP_TIMEOUT_S = 5.0
 M_ARENA_MAX = -8  # glibc mallopt parameter
 MALLOC_ARENAS = 2
-SNAPSHOT_INTERVAL_S = 5.0  # port state and counters for status: a change is stored within this
+SNAPSHOT_INTERVAL_S = 5.0  # port counters for status: a change is stored within this (an open or a loss at once)
 # ... but a change of `lines_ok` alone (lines arriving, nothing else new) only every this many snapshots: each
 # stored snapshot rides a commit and costs it a page of SD wear (tests/bench/bench_wear.py).
 SNAPSHOT_LINES_ONLY_EVERY = 2
@@ -220,7 +220,22 @@ class Daemon:
                 else:
                     await self.buffer.save_ports(rows)
                     last, skipped = rows, 0
-            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+            await _first_change([pipeline.stats.changed for pipeline in self.pipelines], SNAPSHOT_INTERVAL_S)
+
+
+async def _first_change(events: list[asyncio.Event], timeout_s: float) -> None:
+    """Wait until one of `events` is set or `timeout_s` has passed; clear them all."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        if waits:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(timeout_s)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        for event in events:
+            event.clear()
 
 
 STORE_RETRY_INITIAL_S = 0.5

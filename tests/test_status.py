@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from rich.console import Console
 
+from edgeforward import daemon as daemon_module
 from edgeforward.cloudsim import CloudSim
 from edgeforward.config import load_config
+from edgeforward.ingest.source import PortState, PortStats
 from edgeforward.status import read_status, status_view
 
 from .conftest import TOKEN, DaemonProcess, Pty, edgeforward, wait_for, write_config
@@ -169,3 +175,43 @@ async def test_status_at_80_columns_cuts_nothing_and_names_the_port_trouble(
     assert "next request idle, in" in text or "next request pacing, in" in text
     wide = render(read_status(load_config(config)), config)
     assert "┃ device" in wide and "┃ next request" in wide  # the devices table, where 200 columns hold it
+
+
+async def test_a_port_opening_or_lost_is_stored_at_once_counters_at_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The snapshot interval is an hour here: a save that comes before it can only be the state change's.
+    monkeypatch.setattr(daemon_module, "SNAPSHOT_INTERVAL_S", 3600.0)
+    stats = PortStats(path="/dev/ttyACM0")
+    saved: list[list[tuple[object, ...]]] = []
+
+    class _Pipeline:
+        def __init__(self) -> None:
+            self.stats = stats
+
+        def snapshot(self) -> tuple[str, str, int, int, int, int, str]:
+            return (stats.path, str(stats.state), stats.lines_ok, stats.lines_bad, 0, 0, "{}")
+
+    class _Buffer:
+        async def save_ports(self, rows: Iterable[tuple[object, ...]]) -> None:
+            saved.append(list(rows))
+
+    owner = SimpleNamespace(pipelines=[_Pipeline()], buffer=_Buffer())
+    loop = asyncio.create_task(daemon_module.Daemon._snapshot_loop(owner))  # type: ignore[arg-type]
+    try:
+        await wait_for(lambda: len(saved) == 1, FLOW_TIMEOUT_S, 0.01)
+        stats.set_state(PortState.OPEN)
+        await wait_for(lambda: len(saved) == 2, FLOW_TIMEOUT_S, 0.01)
+        assert saved[-1][0][1] == "open"
+        stats.count_ok()  # a counter alone waits for the interval
+        stats.set_state(PortState.OPEN)  # not a change
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert len(saved) == 2 and not stats.changed.is_set()
+        stats.set_state(PortState.ABSENT)
+        await wait_for(lambda: len(saved) == 3, FLOW_TIMEOUT_S, 0.01)
+        assert saved[-1][0][1:3] == ("absent", 1)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop

@@ -42,6 +42,14 @@ class PortStats:
     reconnects: int = 0  # successful re-opens after the first open
     resent: int = 0  # readings the MCU sent again that were already committed: acknowledged again, not stored
     last_error: str | None = None  # kept after recovery: the most recent trouble, not the current one
+    # Set when `state` changes (status stores a change at once, counters only every few seconds).
+    changed: asyncio.Event = field(default_factory=asyncio.Event, compare=False, repr=False)
+
+    def set_state(self, state: PortState) -> None:
+        """Record whether the port is open; a change sets `changed`."""
+        if state is not self.state:
+            self.state = state
+            self.changed.set()
 
     def count_ok(self) -> None:
         """Count one accepted line."""
@@ -126,7 +134,7 @@ class SerialSource:
                 self._note_trouble("serial port lost", reason)
                 await asyncio.sleep(backoff.next_delay())
         finally:
-            self.stats.state = PortState.ABSENT
+            self.stats.set_state(PortState.ABSENT)
 
     async def _serve(self, link: Link) -> BaseException:
         """Run one open link until the device goes away; always closes it."""
@@ -137,7 +145,7 @@ class SerialSource:
             except (OSError, ValueError, RuntimeError) as exc:
                 return exc
             self._link = link
-            self.stats.state = PortState.OPEN
+            self.stats.set_state(PortState.OPEN)
             self._log.info(
                 "serial port open",
                 device=link.device,
@@ -147,11 +155,11 @@ class SerialSource:
             return await link.lost
         finally:
             self._link = None
-            self.stats.state = PortState.ABSENT
+            self.stats.set_state(PortState.ABSENT)
             await link.close()
 
     def _note_trouble(self, event: str, exc: BaseException) -> None:
-        self.stats.state = PortState.ABSENT
+        self.stats.set_state(PortState.ABSENT)
         self.stats.last_error = explain(exc)
         if self._warned:
             self._log.debug(event, error=self.stats.last_error)
