@@ -80,7 +80,8 @@ class NoMatch(SerialSourceError):
     """A glob path matched no device, or more than one."""
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """The wall-clock time a chunk read from a port is stamped with (ms)."""
     return time.time_ns() // 1_000_000
 
 
@@ -167,6 +168,13 @@ class Link(abc.ABC):
         self.lost: asyncio.Future[BaseException] = self._loop.create_future()
         self.device: str | None = None  # what the configured path resolved to at open
 
+    def waiting(self) -> bool:
+        """Whether bytes are already waiting to be read, before `start` (never blocks; False if it cannot say)."""
+        try:
+            return bool(self.port.in_waiting)
+        except Exception:  # noqa: BLE001 - a URL handler may raise anything; not knowing is the answer then
+            return False
+
     @abc.abstractmethod
     def start(self) -> None:
         """Begin reading."""
@@ -218,7 +226,7 @@ class FdLink(Link):
             self._stop_io()
             self._fail(PortGone("end of file: device disconnected"))
             return
-        self._framer.feed(data, _now_ms())
+        self._framer.feed(data, now_ms())
 
     def write(self, data: bytes) -> bool:
         """Write to the fd; a short write is finished when the fd is writable again."""
@@ -296,7 +304,7 @@ class ThreadLink(Link):
             while not self._stop.is_set():
                 data = port.read(max(1, port.in_waiting))
                 if data:
-                    self._post(self._on_data, data, _now_ms())
+                    self._post(self._on_data, data, now_ms())
         except Exception as exc:  # noqa: BLE001 - any failure of a URL handler means the port is gone
             self._post(self._fail, exc)
         finally:

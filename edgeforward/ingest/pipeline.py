@@ -37,6 +37,9 @@ BAD_LINES_LOGGED_PER_MINUTE: Final = 5
 RESEND_TS_TOLERANCE_MS: Final = 1_000
 # Lines of the opening burst are held at most this long, or this many (see PortPipeline._held_back).
 BURST_HOLD_S: Final = 5.0
+# A first line read within this of the open was already on its way when the port opened: it may be the tail of
+# a line (a line that begins later, e.g. after the MCU's reset on open, is whole).
+TORN_TAIL_MS: Final = 100
 BURST_HOLD_LINES: Final = 1024
 BURST_AGREE_MS: Final = 50  # two fresh lines whose anchors agree this closely end the hold
 WALL_DOMAIN: Final = "wall"  # the domain of a saved MCU clock stamped on the trusted wall clock
@@ -83,6 +86,11 @@ class PortParser:
         self.untrusted = dataclasses.replace(self.context, max_future_ms=UNKNOWN_FUTURE_MS)
         self._csv = CsvParser(port.columns, port.header) if port.format == "csv" else None
         self._nmea = nmea_pin_map(port.nmea)
+
+    @property
+    def positional(self) -> bool:
+        """Whether values are known by their place in the line (csv), not by a name next to them."""
+        return self._csv is not None
 
     def parse(self, raw: bytes, now_ms: int, *, trusted: bool = True) -> Reading | Rejected | Ignored | None:
         """Parse one raw line (None for a blank one); never raises."""
@@ -157,6 +165,11 @@ class PortPipeline:
         result = self._parser.parse(raw, received_ms, trusted=self._wall is None or self._wall.trusted)
         if result is None:
             return
+        if first and isinstance(result, Reading) and self._parser.positional and self._waiting_at_open(received_ms):
+            # A csv record knows its fields only by their place: the tail of a line the MCU was printing when
+            # the port opened has the right number of fields and a cut first value ("3.5,1017" of "23.5,1017").
+            self.stats.count_ignored("partial")
+            return
         if isinstance(result, Rejected):
             if first:
                 # The first bytes after opening are often the tail of a line the MCU was already printing.
@@ -175,6 +188,11 @@ class PortPipeline:
             self.stats.count_ignored(result.reason)
             return
         self._accept(result, received_ms)
+
+    def _waiting_at_open(self, received_ms: int) -> bool:
+        """Whether a first line arrived with the open's first read (it may be the tail of an earlier line)."""
+        opened_ms = self.stats.opened_ms
+        return self.stats.waiting_at_open or (opened_ms is not None and received_ms - opened_ms < TORN_TAIL_MS)
 
     def _accept(self, reading: Reading, received_ms: int) -> None:
         wall = self._wall

@@ -12,7 +12,7 @@ import structlog
 
 from ..backoff import Backoff
 from .framing import DEFAULT_MAX_LINE_BYTES, NOISE_REASON, OVERLONG_REASON, LineFramer, LineHandler
-from .links import Link, explain, open_link
+from .links import Link, explain, now_ms, open_link
 
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 2.0
@@ -42,6 +42,8 @@ class PortStats:
     reconnects: int = 0  # successful re-opens after the first open
     resent: int = 0  # readings the MCU sent again that were already committed: acknowledged again, not stored
     last_error: str | None = None  # kept after recovery: the most recent trouble, not the current one
+    opened_ms: int | None = None  # wall-clock ms the current open started reading (None: never opened)
+    waiting_at_open: bool = False  # bytes were already waiting then (the first may be the tail of a line)
     # Set when `state` changes (status stores a change at once, counters only every few seconds).
     changed: asyncio.Event = field(default_factory=asyncio.Event, compare=False, repr=False)
 
@@ -139,6 +141,8 @@ class SerialSource:
     async def _serve(self, link: Link) -> BaseException:
         """Run one open link until the device goes away; always closes it."""
         self._framer.reset()
+        self.stats.opened_ms = now_ms()
+        self.stats.waiting_at_open = link.waiting()
         try:
             try:
                 link.start()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from edgeforward.config import parse_config
+from edgeforward.ingest import pipeline as pipeline_module
 from edgeforward.ingest.parsers.common import (
     MS_PER_DAY,
     Ignored,
@@ -19,6 +23,7 @@ from edgeforward.ingest.pipeline import PortParser, PortPipeline
 from edgeforward.points import Point
 from edgeforward.store import ResendKey
 
+from ..conftest import Pty, wait_for
 from .parsers.cases import (
     BU353_GSV,
     BU353_RMC,
@@ -193,3 +198,73 @@ async def test_held_lines_are_committed_at_a_stop(tmp_path: Path) -> None:
     assert store.submitted == []
     pipeline.release_held()
     assert store.stamps == [NOW - 1_000, NOW]  # mapped with the best anchor there is
+
+
+# ---------------------------------------------------------------- a csv line cut by the open
+
+CSV_PORT_TIMEOUT_S = 10.0
+
+
+def csv_pipeline(tmp_path: Path, path: str, store: Store) -> PortPipeline:
+    raw: dict[str, Any] = {
+        "device": [{"name": "pump", "token": "p" * 32, "pins": {"v1": "double", "v2": "integer"}}],
+        "port": [{"path": path, "device": "pump", "format": "csv", "columns": ["v1", "v2"]}],
+    }
+    config = parse_config(raw, tmp_path / "edgeforward.toml")
+    return PortPipeline(config.ports[0], config, store.submit)
+
+
+async def run_until(pipeline: PortPipeline, condition: Callable[[], bool]) -> None:
+    task = asyncio.create_task(pipeline.source.run())
+    try:
+        await wait_for(condition, CSV_PORT_TIMEOUT_S, 0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_csv_line_waiting_at_the_open_may_be_a_tail_and_is_ignored(
+    tmp_path: Path, pty_port: Pty, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a kill -9 mid-line leaves in the port: the tail "3.5,1017" of "23.5,1017", then whole lines. Its
+    # field count is right and its first value wrong. (No time window here: only the bytes waiting count.)
+    monkeypatch.setattr(pipeline_module, "TORN_TAIL_MS", 0)
+    store = Store()
+    pty_port.write("3.5,1017\n24.5,1018\n")
+    pipeline = csv_pipeline(tmp_path, pty_port.path, store)
+    await run_until(pipeline, lambda: pipeline.stats.lines_ok == 1)
+    assert [(p.pin, p.value) for points, _, _ in store.submitted for p in points] == [(1, 24.5), (2, 1018)]
+    assert pipeline.stats.ignored_reasons == {"partial": 1} and pipeline.stats.lines_bad == 0
+    # A port opened with nothing waiting: its first line begins after the open, so it is whole and kept.
+    store = Store()
+    quiet = csv_pipeline(tmp_path, pty_port.path, store)
+    task = asyncio.create_task(quiet.source.run())
+    try:
+        await wait_for(lambda: quiet.stats.state == "open", CSV_PORT_TIMEOUT_S, 0.01)
+        pty_port.write("25.5,1019\n")
+        await wait_for(lambda: quiet.stats.lines_ok == 1, CSV_PORT_TIMEOUT_S, 0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [(p.pin, p.value) for points, _, _ in store.submitted for p in points] == [(1, 25.5), (2, 1019)]
+    assert quiet.stats.ignored_reasons == {} and not quiet.stats.waiting_at_open
+
+
+async def test_a_first_csv_line_read_right_after_the_open_is_ignored_later_kept(tmp_path: Path) -> None:
+    # The MCU may be mid-line when the port opens, its tail arriving a moment later: nothing waited yet.
+    for delay_ms, kept in ((0, False), (pipeline_module.TORN_TAIL_MS - 1, False), (pipeline_module.TORN_TAIL_MS, True)):
+        store = Store()
+        pipeline = csv_pipeline(tmp_path, "/dev/ttyLOG", store)
+        pipeline.stats.opened_ms = NOW
+        pipeline.on_line(b"3.5,1017", NOW + delay_ms, True)
+        pipeline.on_line(b"24.5,1018", NOW + delay_ms, False)
+        assert len(store.submitted) == (2 if kept else 1), delay_ms
+        assert pipeline.stats.ignored_reasons == ({} if kept else {"partial": 1})
+    # Named values are never misread when cut ("3=41.25" is no pin, the whole line is rejected): kv keeps them.
+    store = Store()
+    pipeline, _ = mcu_pipeline(tmp_path, store)
+    pipeline.stats.opened_ms = NOW
+    pipeline.on_line(b"v1=41.25", NOW, True)
+    assert len(store.submitted) == 1
