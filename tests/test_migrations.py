@@ -72,6 +72,11 @@ def test_a_new_file_gets_the_whole_schema_and_its_version_in_one_transaction(tmp
     assert rows(path, "PRAGMA page_size") == [(schema_module.PAGE_SIZE_BYTES,)]
     tables = {name for (name,) in rows(path, "SELECT name FROM sqlite_schema WHERE type = 'table'")}
     assert tables == set(schema_module.expected_columns())
+    # The recovery's list of tables without a rowid is the schema's own (SQLite says which have none).
+    without_rowid = {
+        name for name in tables if not rows(path, f"SELECT 1 FROM pragma_table_list WHERE name = '{name}' AND wr = 0")
+    }
+    assert without_rowid == schema_module.WITHOUT_ROWID_TABLES
 
 
 async def test_recovery_keeps_what_was_imported(tmp_path: Path) -> None:

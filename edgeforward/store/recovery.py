@@ -29,6 +29,7 @@ from .schema import (
     SCHEMA_VERSION,
     SET_META,
     TABLES_SINCE,
+    WITHOUT_ROWID_TABLES,
     expected_columns,
     migrate,
     user_version,
@@ -371,7 +372,7 @@ def _salvage(damaged: Path, fresh: sqlite3.Connection, progress: Progress) -> tu
             columns = [c for c in expected[table] if c in present]
             if not columns:
                 continue
-            ranges = [(MIN_ROWID, MAX_ROWID)] if table == "import_seen" else _rowid_ranges(source, table)
+            ranges = [(MIN_ROWID, MAX_ROWID)] if table in WITHOUT_ROWID_TABLES else _rowid_ranges(source, table)
             for low, high in ranges:
                 copied = _copy_range(fresh, table, columns, low, high)
                 progress.step()
@@ -425,7 +426,7 @@ def _copy_range(fresh: sqlite3.Connection, table: str, columns: list[str], low: 
     names = ", ".join(columns)
     select = f"SELECT {names} FROM {_DAMAGED}.{table} WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
     params: tuple[int, ...] = (low, high)
-    if table == "import_seen":  # WITHOUT ROWID: the whole table, in its key's order
+    if table in WITHOUT_ROWID_TABLES:  # the whole table, in its key's order
         select, params = f"SELECT {names} FROM {_DAMAGED}.{table}", ()
     fresh.execute("BEGIN")  # deferred: IMMEDIATE would ask the read-only damaged file for a write lock
     try:
@@ -508,9 +509,8 @@ def _readable_rows(
     source: sqlite3.Connection, table: str, columns: list[str], low: int = MIN_ROWID, high: int = MAX_ROWID
 ) -> Iterator[tuple[list[tuple[Any, ...]], int]]:
     """Yield (rows, unreadable ranges) of row ids [low, high] in order, stepping over ranges that cannot be read."""
-    rowid = "rowid" if table != "import_seen" else "device, pin, ts"
-    if table == "import_seen":
-        # A WITHOUT ROWID table has no rowid to step over a bad range with: take what reads in one pass.
+    if table in WITHOUT_ROWID_TABLES:
+        # No rowid to step over a bad range with: take what reads in one pass.
         rows: list[tuple[Any, ...]] = []
         try:
             for row in source.execute(f"SELECT {', '.join(columns)} FROM {table}"):
@@ -520,7 +520,7 @@ def _readable_rows(
             return
         yield rows, 0
         return
-    select = f"SELECT {rowid}, {', '.join(columns)} FROM {table} WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
+    select = f"SELECT rowid, {', '.join(columns)} FROM {table} WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
     start = low
     while True:
         rows = []

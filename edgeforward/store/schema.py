@@ -171,6 +171,10 @@ SCHEMA: Final = _BASE + _HELD + _IMPORT_SEEN + _RESEND_WINDOW + _COUNTING
 # The version that added each table after the first (an older file lacks it until it is migrated).
 TABLES_SINCE: Final = {"held": 3, "import_seen": 4, "resend_window": 5}
 
+# Tables without a rowid (a recovery cannot step over a bad range of them by id: it copies each in one pass).
+# tests/test_migrations.py holds this to the tables' definitions.
+WITHOUT_ROWID_TABLES: Final = frozenset({"import_seen"})
+
 # Tables copied out of a damaged buffer, in this order (devices first: the others refer to them).
 SALVAGE_TABLES: Final = (
     "devices",
