@@ -465,6 +465,9 @@ class CloudSim:
             if not target.startswith(("http://", "https://")):
                 raise SimError(f"redirect target must be an http(s) base URL, got {target!r}")
         self.record_path = record_path
+        # pin -> message of a 400 that every history POST of that pin gets, a message no document names (a
+        # server fault tied to one pin: the client cannot tell it from a broken account by the answer alone).
+        self.pin_failures: dict[int, str] = {}
         self.received: list[Received] = []
         if request_log_max < 1:
             raise SimError(f"request_log_max must be at least 1, got {request_log_max}")
@@ -750,6 +753,8 @@ class CloudSim:
         if len(names) != 1:
             raise _Refusal(400, MSG_WRONG_PIN)
         pin = self._pin(device, names[0])
+        if pin in self.pin_failures:
+            raise _Refusal(400, self.pin_failures[pin])
         if request.content_type != "application/json":
             raise _Refusal(400, MSG_CONTENT_TYPE)
         body = await self._read_body(request)

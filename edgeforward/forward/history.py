@@ -70,6 +70,9 @@ class HistoryPath:
         self._parked: dict[int, tuple[float, str]] = {}  # pin -> (recheck at, monotonic; reason)
         self._unknown: dict[tuple[int, int, int], tuple[int, float]] = {}  # (pin, first id, size) -> (fails, since)
         self.horizon = 0  # the newest row id history may send (newer ones await a live decision)
+        # Pins whose last turn ended in an error: the next round takes them last, so that one pin the cloud
+        # keeps failing does not hold back the others (whose success also tells it is that pin, not the account).
+        self._failing: set[int] = set()
 
     # parked pins --------------------------------------------------------------------------------
 
@@ -93,6 +96,7 @@ class HistoryPath:
         ctx = self._ctx
         parked = self.parked()
         pins = [p for p in await ctx.buffer.pins_queued(ctx.name) if p not in parked]
+        pins.sort(key=lambda pin: pin in self._failing)  # stable: the others keep their order
         requests = len(pins)
         allocation, verdict = await self._allocate(pins)
         while pins and verdict.allowed:
@@ -100,9 +104,14 @@ class HistoryPath:
                 if ctx.clock.monotonic() >= live_due:
                     return RoundResult(False, ALLOWED, requests)
                 allowed = None if allocation is None else allocation[pin]
-                handled, verdict = (
-                    await self._pin_turn(pin, allowed) if allowed is None or allowed > 0 else (0, ALLOWED)
-                )
+                try:
+                    handled, verdict = (
+                        await self._pin_turn(pin, allowed) if allowed is None or allowed > 0 else (0, ALLOWED)
+                    )
+                except Exception:
+                    self._failing.add(pin)
+                    raise
+                self._failing.discard(pin)
                 if allocation is not None:
                     allocation[pin] -= handled
                 if handled == 0 or pin in self._parked:

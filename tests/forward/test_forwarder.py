@@ -352,6 +352,26 @@ async def test_unknown_refusal_retried_slowly_then_delivered(tmp_path: Path, clo
         assert counts["delivered_history"] == 2 and counts["rejected"] == 0
 
 
+async def test_a_pin_the_cloud_keeps_failing_does_not_hold_back_the_others(tmp_path: Path, clock: FakeClock) -> None:
+    # Every history POST of v1 gets a 400 no document names; v2 is fine. v1 comes first in a round.
+    async with sim_cloud(clock) as sim:
+        sim.pin_failures = {1: "Something the docs never mention"}
+        config = make_config(tmp_path, str(sim.url), live=0)
+        now = clock.wall_ms()
+        points = [Point("pump", pin, now - 1000 + i, i if pin == 2 else float(i)) for i in range(20) for pin in (1, 2)]
+
+        def failed_v1() -> int:
+            return sum(1 for r in sim.requests if r.status == 400 and "pin=v1" in r.query)
+
+        async with rig(config, points, clock=clock) as r:
+            await r.run_until(lambda: sum(1 for p in sim.points(TOKEN) if p.pin == 2) == 20)
+            # v2 went in the round after v1's first failure, not after v1's ten (the account might be broken).
+            assert failed_v1() <= 2
+            counts = await r.drained()
+        # v2 succeeding told it was v1's batch: bisected after 3 failures, each point dead-lettered alone.
+        assert counts["delivered_history"] == 20 and counts["rejected"] == 20 and adds_up(counts)
+
+
 async def test_value_refused_by_pattern_isolated_alone(tmp_path: Path, clock: FakeClock) -> None:
     async with sim_cloud(clock, devices=[SimDevice(TOKEN, "pump", SIM_PINS, refuse={2: "^13$"})]) as sim:
         config = make_config(tmp_path, str(sim.url), live=0)
