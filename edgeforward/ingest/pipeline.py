@@ -165,16 +165,10 @@ class PortPipeline:
         result = self._parser.parse(raw, received_ms, trusted=self._wall is None or self._wall.trusted)
         if result is None:
             return
-        if first and isinstance(result, Reading) and self._parser.positional and self._waiting_at_open(received_ms):
-            # A csv record knows its fields only by their place: the tail of a line the MCU was printing when
-            # the port opened has the right number of fields and a cut first value ("3.5,1017" of "23.5,1017").
+        if first and self._may_be_a_tail(result, received_ms):
             self.stats.count_ignored("partial")
             return
         if isinstance(result, Rejected):
-            if first:
-                # The first bytes after opening are often the tail of a line the MCU was already printing.
-                self.stats.count_ignored("partial")
-                return
             self.stats.count_bad(result.reason)
             if self._throttle.allow(kind=result.reason):
                 self._log.warning(
@@ -189,8 +183,14 @@ class PortPipeline:
             return
         self._accept(result, received_ms)
 
-    def _waiting_at_open(self, received_ms: int) -> bool:
-        """Whether a first line arrived with the open's first read (it may be the tail of an earlier line)."""
+    def _may_be_a_tail(self, result: Reading | Rejected | Ignored, received_ms: int) -> bool:
+        """Whether the first line of an open may be the tail of a line the MCU was already printing."""
+        if isinstance(result, Rejected):
+            return True  # the usual tail: it does not parse
+        if not isinstance(result, Reading) or not self._parser.positional:
+            return False  # named values never parse when cut
+        # A csv record knows its fields only by their place: a tail has the right number of fields and a cut
+        # first value ("3.5,1017" of "23.5,1017"). It can only be one if it was on its way at the open.
         opened_ms = self.stats.opened_ms
         return self.stats.waiting_at_open or (opened_ms is not None and received_ms - opened_ms < TORN_TAIL_MS)
 

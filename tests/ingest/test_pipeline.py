@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from .parsers.cases import (
     assert_reading,
     assert_rejected,
 )
+from .test_source import running
 
 
 def test_port_parser_of_each_format(tmp_path: Path) -> None:
@@ -214,16 +214,6 @@ def csv_pipeline(tmp_path: Path, path: str, store: Store) -> PortPipeline:
     return PortPipeline(config.ports[0], config, store.submit)
 
 
-async def run_until(pipeline: PortPipeline, condition: Callable[[], bool]) -> None:
-    task = asyncio.create_task(pipeline.source.run())
-    try:
-        await wait_for(condition, CSV_PORT_TIMEOUT_S, 0.01)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def test_a_csv_line_waiting_at_the_open_may_be_a_tail_and_is_ignored(
     tmp_path: Path, pty_port: Pty, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,21 +223,17 @@ async def test_a_csv_line_waiting_at_the_open_may_be_a_tail_and_is_ignored(
     store = Store()
     pty_port.write("3.5,1017\n24.5,1018\n")
     pipeline = csv_pipeline(tmp_path, pty_port.path, store)
-    await run_until(pipeline, lambda: pipeline.stats.lines_ok == 1)
+    async with running(pipeline.source):
+        await wait_for(lambda: pipeline.stats.lines_ok == 1, CSV_PORT_TIMEOUT_S, 0.01)
     assert [(p.pin, p.value) for points, _, _ in store.submitted for p in points] == [(1, 24.5), (2, 1018)]
     assert pipeline.stats.ignored_reasons == {"partial": 1} and pipeline.stats.lines_bad == 0
     # A port opened with nothing waiting: its first line begins after the open, so it is whole and kept.
     store = Store()
     quiet = csv_pipeline(tmp_path, pty_port.path, store)
-    task = asyncio.create_task(quiet.source.run())
-    try:
+    async with running(quiet.source):
         await wait_for(lambda: quiet.stats.state == "open", CSV_PORT_TIMEOUT_S, 0.01)
         pty_port.write("25.5,1019\n")
         await wait_for(lambda: quiet.stats.lines_ok == 1, CSV_PORT_TIMEOUT_S, 0.01)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     assert [(p.pin, p.value) for points, _, _ in store.submitted for p in points] == [(1, 25.5), (2, 1019)]
     assert quiet.stats.ignored_reasons == {} and not quiet.stats.waiting_at_open
 
