@@ -62,6 +62,7 @@ class Daemon:
             max_bytes=buffer_config.max_bytes,
             exclusive=True,
             check="auto",
+            inbox=True,
         )
         self.clock = ClockWatcher(config.clock.require_sync, config.clock.previous_boots)
         self.pipelines = [

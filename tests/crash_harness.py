@@ -19,6 +19,7 @@ from edgeforward.cloudsim import CloudSim, SimDevice
 from edgeforward.config import load_config
 from edgeforward.points import PinType
 from edgeforward.status import read_status
+from edgeforward.store import queries
 
 from .conftest import TOKEN, DaemonProcess, Pty, ledger_adds_up, wait_for, write_config
 
@@ -139,8 +140,11 @@ def check_buffer(config_path: Path, db_path: Path) -> dict[str, Any]:
         with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
             rows = db.execute("SELECT COUNT(*) FROM points").fetchone()[0]
             check = db.execute("PRAGMA quick_check").fetchone()[0]
-        if rows != entry["queued"]:
-            raise HarnessError(f"{rows} rows in points but the ledger says {entry['queued']} queued")
+            inboxed = sum(counts.queued for counts in queries.inbox(db).values())  # store/inbox.py
+        if rows + inboxed != entry["queued"]:
+            raise HarnessError(
+                f"{rows} rows in points and {inboxed} in the inbox but the ledger says {entry['queued']} queued"
+            )
         if check != "ok":
             raise HarnessError(f"quick_check: {check}")
     return entry

@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
@@ -25,6 +25,7 @@ from ..redact import redact
 from ..servers import ServerError, remembered_target
 from ..timebase import utc_day, utc_month
 from . import capacity, counting, filing, schema
+from . import inbox as inboxes
 from .errors import (
     IngestFailedError,
     StoreClosedError,
@@ -36,6 +37,7 @@ from .errors import (
     wrap,
 )
 from .filing import FILED, UNFILED, FilingPlan
+from .inbox import ID_BASE, InboxFile, InboxPoint, Queue
 from .lease import Budget, Lease
 from .recovery import CheckInterrupted, Progress, Recovery, check_file, prepare_file, recover_file
 from .schema import (
@@ -53,6 +55,7 @@ from .writer import (
     EXTERNAL_CHECK_S,
     GROUP_COMMIT_MAX_ITEMS,
     RETRIED,
+    RETRY_MAX_S,
     Op,
     OpKind,
     Pending,
@@ -72,11 +75,13 @@ VACUUM_STEP_PAGES: Final = 2048
 LOCK_SUFFIX: Final = ".lock"
 VERIFY_STOP_TIMEOUT_S: Final = 2.0
 VERIFY_INTERRUPT_POLL_S: Final = 0.02
+SETTLE_POLL_S: Final = 0.002  # a read of SQLite and the inbox waits this long at a time for a settle to end
 
 DeliveryPath = Literal["live", "history"]
 WriteOp = WriteFn
 CheckMode = Literal["auto", "full"]
 _Read = TypeVar("_Read", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +185,7 @@ class Buffer:
         exclusive: bool = False,
         check: CheckMode = "full",
         clock: Callable[[], float] = time.monotonic,
+        inbox: bool = False,
     ) -> None:
         self.path = path
         self._synchronous = synchronous
@@ -231,6 +237,15 @@ class Buffer:
         self._uncounted = 0  # readings this buffer committed into the ledger's tail since its last fold
         self._folded_at: float | None = None  # when the last fold was committed (monotonic s; None: not yet)
         self._removed_rows = False  # whether the running transaction removed points (the mark may need lowering)
+        # The inbox (store/inbox.py): the daemon's readings appended to a file of their own. Only a daemon, which
+        # holds the lock, has one, and only where every commit is fsynced (synchronous FULL or EXTRA).
+        self._inbox_wanted = inbox and exclusive and synchronous.upper() in ("FULL", "EXTRA")
+        self._inbox: InboxFile | None = None
+        self._inboxed = Queue()
+        self._inbox_waiters: list[tuple[asyncio.Future[int], int]] = []  # deliveries awaiting a record, and count
+        self._inbox_epoch = 0  # odd while a settle changes SQLite and the queue (reads of both wait)
+        self._inbox_retry_s = 0.0  # a settle that failed is tried again from then (monotonic s)
+        self._inbox_failed_logged = False
 
     # opening and closing ----------------------------------------------------------------------------
 
@@ -259,6 +274,8 @@ class Buffer:
             await self._connect()
             if not daemon_elsewhere:
                 await asyncio.to_thread(capacity.make_reserve, self.path)
+            if self._inbox_wanted:
+                await self._open_inbox()
         except BaseException:
             await self._disconnect()
             self._release_lock()
@@ -406,6 +423,7 @@ class Buffer:
         if self._write is not None:
             async with self._commit_lock:
                 await self._flush_locked()
+                await self.close_inbox()
                 if self._ingest_failed_dirty or self._retry:
                     log.error(
                         "buffer_closed_unsaved",
@@ -445,7 +463,7 @@ class Buffer:
     @property
     def queued_total(self) -> int:
         """Points queued across all devices (other processes' changes included, within a second)."""
-        return self._queued_total
+        return self._queued_total + len(self._inboxed)
 
     # writes -------------------------------------------------------------------------------------
 
@@ -540,7 +558,7 @@ class Buffer:
             return
         retry_due = bool(self._retry) and (self._closing or self._clock() >= self._retry.due_s)
         # What arrives during a commit is committed right after it: a flood is never held back by deadlines.
-        while self._pending or self._ingest_failed_dirty or retry_due:
+        while self._pending or self._ingest_failed_dirty or retry_due or self._inboxed.unwritten:
             self._due_s = None
             pending, self._pending = self._pending, Pending()
             rest = pending.split(GROUP_COMMIT_MAX_ITEMS)
@@ -552,6 +570,12 @@ class Buffer:
                 facts = {op.key for op in pending.ops if op.kind is OpKind.FACT and op.key is not None}
                 pending.ops[:0] = self._retry.take(facts)
             retry_due = False
+            if self._inbox is not None:
+                pending, appended = await self._to_inbox(pending)
+                if not (pending or self._ingest_failed_dirty):
+                    if appended:
+                        continue
+                    break  # the deliveries could not be written: a later flush tries again
             if not await self._commit(pending):
                 break
         if self._pending and self._due_s is None:
@@ -911,6 +935,8 @@ class Buffer:
 
     async def _maintain(self) -> None:
         """Give free pages back to the file system once a backlog has drained (incremental vacuum)."""
+        if self._inbox is not None:
+            await self._keep_inbox()
         if self._write is not None:
             with contextlib.suppress(sqlite3.Error):
                 await self._fit_disk()
@@ -952,11 +978,276 @@ class Buffer:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
+    # the inbox (store/inbox.py) -----------------------------------------------------------------
+
+    async def _open_inbox(self) -> None:
+        """Take up the inbox an earlier run left (its records into SQLite, when they fit), or start a new one."""
+        path = inboxes.inbox_path(self.path)
+        applied = inboxes.generation_of(await self.meta(inboxes.META_GENERATION))
+        try:
+            found = await asyncio.to_thread(inboxes.unapplied, self.path, applied)
+        except OSError as exc:  # an inbox that cannot be read may hold readings: never start past it
+            raise wrap(exc, f"reading {path}") from exc
+        if found is None:
+            try:
+                await asyncio.to_thread(inboxes.remove_stale, path)
+                self._inbox = await asyncio.to_thread(InboxFile.create, path, max(applied, 1))
+                await asyncio.to_thread(self._inbox.install, path)
+            except OSError as exc:  # a full disk, a read-only directory: SQLite takes every commit, as it can
+                self._inbox = None
+                log.warning("inbox_unavailable", error=str(exc), detail="readings are committed to SQLite")
+            return
+        try:
+            found_path, replay = found
+            if found_path != path:  # a settle's new generation, committed in SQLite, not yet renamed
+                await asyncio.to_thread(os.replace, found_path, path)
+            self._inbox = await asyncio.to_thread(InboxFile.reopen, path, replay)
+        except OSError as exc:
+            raise wrap(exc, f"opening {path}") from exc
+        self._inboxed = Queue.replayed(replay, self._clock())
+        if replay.damaged:
+            log.warning("inbox_damaged", records=replay.damaged, detail="their readings are lost")
+        if self._inboxed.empty:
+            return
+        log.info("inbox_replayed", points=len(self._inboxed), records=len(replay.records), torn_tail=replay.torn_tail)
+        try:  # start with everything in SQLite; on a full disk the replayed queue serves until a settle fits
+            async with self._commit_lock:
+                await self._settle_inbox(fold=True)
+        except StoreError as exc:
+            log.warning("inbox_settle_failed", error=str(exc), queued=len(self._inboxed))
+
+    def _inbox_takes(self, pending: Pending) -> bool:
+        """Whether a commit's readings go to the inbox: wall-clock readings, not a flood, within the point cap."""
+        points = len(pending.points)
+        return (
+            points > 0
+            and points == len(pending.readings)
+            and points < filing.FILE_DIRECT_POINTS
+            and self.queued_total + points <= self._max_points
+            and len(self._inboxed) + points <= inboxes.FOLD_MAX_POINTS
+        )
+
+    async def _to_inbox(self, pending: Pending) -> tuple[Pending, bool]:
+        """Append the readings and the deliveries not yet written as one record; return what is left for SQLite
+        (everything, when the inbox does not take these readings or the append failed) and whether it appended."""
+        inbox = self._inbox
+        assert inbox is not None
+        takes = self._inbox_takes(pending)
+        if pending.readings and not takes and self._inboxed.points:
+            # Held readings, a flood, the point cap: SQLite's code handles them, after what the inbox queues.
+            with contextlib.suppress(StoreError):
+                await self._settle_inbox(fold=True)
+        if not takes and not self._inboxed.unwritten:
+            return pending, False
+        points = pending.points if takes else []
+        fresh = self._inboxed.new_points([(p.device, p.pin, p.ts_ms, value_json(p.value)) for p in points])
+        resend = pending.resend if takes else []
+        record = self._inboxed.record(fresh, resend)
+        written = len(self._inboxed.unwritten)
+        try:
+            await asyncio.to_thread(inbox.append, record.encode())
+        except OSError as exc:
+            if not self._inbox_failed_logged:
+                self._inbox_failed_logged = True
+                log.error("inbox_append_failed", error=str(exc), points=len(fresh), detail="SQLite takes them")
+            # The deliveries stay in memory (nothing sends those points again) and go with a later record.
+            waiters, self._inbox_waiters = self._inbox_waiters, []
+            for waiter, _ in waiters:
+                if not waiter.done():
+                    waiter.set_exception(wrap(exc, "writing the inbox"))
+            return pending, False
+        self._inbox_failed_logged = False
+        del self._inboxed.unwritten[:written]
+        self._inboxed.take(fresh, self._clock())
+        self._inboxed.resend.extend(resend)
+        self._inbox_written()
+        self.commits += 1
+        if not takes:
+            return pending, True
+        for reading in pending.waiters:
+            if not reading.done():
+                reading.set_result(None)
+        per_device: dict[str, tuple[set[int], list[int]]] = {}
+        for point in points:
+            pins, count = per_device.setdefault(point.device, (set(), [0]))
+            pins.add(point.pin)
+            count[0] += 1
+        committed = [Committed(name, frozenset(pins), count[0]) for name, (pins, count) in per_device.items()]
+        for listener in self._listeners:
+            listener(committed)
+        return Pending([], pending.ops), True
+
+    def _inbox_written(self) -> None:
+        """Every delivery of the inbox is in its file (or in SQLite): their callers may go on."""
+        if self._inboxed.unwritten:
+            return
+        waiters, self._inbox_waiters = self._inbox_waiters, []
+        for waiter, count in waiters:
+            if not waiter.done():
+                waiter.set_result(count)
+
+    async def _keep_inbox(self) -> None:
+        """Settle the inbox when it is due (after a commit, under the commit lock): fold a backlog into SQLite,
+        or carry what little is queued into a new generation once the file has grown."""
+        inbox = self._inbox
+        now = self._clock()
+        if inbox is None or now < self._inbox_retry_s or self._inboxed.unwritten:
+            return
+        queued = len(self._inboxed)
+        oldest = self._inboxed.oldest_commit_s()
+        if (
+            queued >= inboxes.FOLD_MAX_POINTS
+            or (oldest is not None and now - oldest >= inboxes.FOLD_AFTER_S)
+            or inbox.size >= inboxes.COMPACT_MAX_BYTES
+        ):
+            fold = True
+        elif inbox.size >= inboxes.COMPACT_BYTES:
+            carried = len(self._inboxed.carried().encode())
+            if carried > inbox.size * inboxes.CARRY_MAX_FRACTION:
+                return  # most of the file is still queued: wait for the cloud to take it
+            fold = False
+        else:
+            return
+        try:
+            await self._settle_inbox(fold=fold)
+        except StoreError as exc:
+            self._inbox_retry_s = now + RETRY_MAX_S
+            log.warning("inbox_settle_failed", error=str(exc), queued=queued, retry_s=RETRY_MAX_S)
+
+    async def _fold_inbox(
+        self,
+        ids: Iterable[int] = (),
+        *,
+        device: str | None = None,
+        pin: int | None = None,
+        before_ts: int | None = None,
+    ) -> None:
+        """Fold the inbox into SQLite when it holds any of `ids`, or a point of `device`/`pin` older than
+        `before_ts` (the rare paths, refusals, thinning and expiry, keep their SQLite code)."""
+        queue = self._inboxed
+        if not queue.points:
+            return
+        needed = any(i in queue.points for i in ids)
+        if not needed and device is not None and pin is not None and before_ts is not None:
+            needed = any(p.ts_ms < before_ts for p in queue.of_pin(device, pin))
+        if needed:
+            async with self._commit_lock:
+                if queue.points:
+                    await self._settle_inbox(fold=True)
+
+    def _translated(self, ids: Iterable[int]) -> list[int]:
+        """Row ids of points that may have been folded from the inbox since their ids were read."""
+        moved = self._inboxed.moved
+        return [moved.get(i, i) for i in ids]
+
+    async def _settle_inbox(self, *, fold: bool) -> None:
+        """Commit what the inbox says to SQLite and start its next generation (the caller holds the commit lock).
+
+        The ledger counts the delivered readings; with `fold` the queued points are inserted into the points
+        table, else they are carried into the new file. The new file is written and fsynced first, SQLite's
+        commit names its generation, then it is renamed into place (store/inbox.py: a crash anywhere leaves
+        the generation SQLite names).
+        """
+        inbox, queue = self._inbox, self._inboxed
+        if inbox is None:
+            return
+        path = inboxes.inbox_path(self.path)
+        generation = inbox.generation + 1
+        carried = [] if fold else [queue.carried()]
+        try:
+            new = await asyncio.to_thread(InboxFile.create, path, generation, carried)
+        except OSError as exc:
+            raise wrap(exc, "writing the inbox") from exc
+        points = sorted(queue.points.values(), key=_fold_order) if fold else []
+        folded: dict[int, int] = {}
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            folded.update(await self._insert_folded(conn, points))
+            for device, counts in queue.counts.items():
+                delivered = counts.live + counts.history
+                if delivered:
+                    device_id = await self._device_id(conn, device)
+                    await self._add_ledger(
+                        conn,
+                        device_id,
+                        received=delivered,
+                        delivered_live=counts.live,
+                        delivered_history=counts.history,
+                    )
+            if queue.resend:
+                await _record_resends(conn, queue.resend)
+            await conn.execute(SET_META, (inboxes.META_GENERATION, str(generation)))
+
+        self._inbox_epoch += 1  # odd: SQLite and the queue may disagree until both are settled (see _merged)
+        try:
+            await self._transaction([], [Op(op, asyncio.get_running_loop().create_future())])
+        except BaseException as exc:
+            self._inbox_epoch += 1
+            await asyncio.to_thread(new.remove)
+            if isinstance(exc, sqlite3.Error):
+                raise wrap(exc, "settling the inbox") from exc
+            raise
+        queue.settled(folded=folded if fold else None)
+        self._inbox_epoch += 1
+        self._inbox_written()
+        self._inbox = new
+        inbox.close()
+        try:
+            await asyncio.to_thread(new.install, path)
+        except OSError as exc:  # the next start renames it: SQLite names its generation
+            log.warning("inbox_rename_failed", error=str(exc))
+        if fold and points:
+            log.debug("inbox_folded", points=len(points), generation=generation)
+
+    async def _insert_folded(self, conn: aiosqlite.Connection, points: Sequence[InboxPoint]) -> dict[int, int]:
+        """Insert the inbox's queued points, filed (they are a backlog now); return their new row ids."""
+        if not points:
+            return {}
+        rows = []
+        for point in points:
+            known = self._device_ids.get(point.device)
+            device_id = known if known is not None else await self._device_id(conn, point.device)
+            rows.append((device_id, point.pin, point.ts_ms, point.value_json))
+        await conn.executemany("INSERT INTO points (device_id, pin, ts, value, filed) VALUES (?, ?, ?, ?, 1)", rows)
+        async with conn.execute("SELECT last_insert_rowid()") as cursor:
+            row = await cursor.fetchone()
+        newest = int(row[0]) if row else 0
+        self._newest_filed = max(self._newest_filed, newest)
+        self._uncounted += len(rows)  # counted by being in the tail (store/counting.py)
+        self._queued_total += len(rows)
+        first = newest - len(rows) + 1  # one statement, the write lock held: consecutive row ids
+        return {point.id: first + offset for offset, point in enumerate(points)}
+
+    async def _merged(self, read: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a read of SQLite whose result is combined with the queue's: never across a settle."""
+        while True:
+            epoch = self._inbox_epoch
+            if epoch % 2 == 0:
+                result = await read()
+                if self._inbox_epoch == epoch:
+                    return result
+            await asyncio.sleep(SETTLE_POLL_S)
+
+    async def close_inbox(self) -> None:
+        """At a clean stop: fold the inbox into SQLite and remove its file (kept, and replayed, if it cannot)."""
+        inbox = self._inbox
+        if inbox is None:
+            return
+        try:
+            if not self._inboxed.empty:
+                await self._settle_inbox(fold=True)
+        except StoreError as exc:
+            log.warning("inbox_settle_failed", error=str(exc), queued=len(self._inboxed), detail="replayed at start")
+            inbox.close()
+        else:
+            await asyncio.to_thread(self._inbox.remove if self._inbox is not None else inbox.close)
+        self._inbox = None
+
     # the point lifecycle ------------------------------------------------------------------------
 
     async def _fit(self, conn: aiosqlite.Connection, points: Sequence[Point]) -> tuple[int, int]:
         """Apply the point cap to new points: return the slice [start, stop) of them that is kept."""
-        drop, start, stop = capacity.fit(self._queued_total, self._max_points, len(points), self._full_policy)
+        drop, start, stop = capacity.fit(self.queued_total, self._max_points, len(points), self._full_policy)
         if drop:
             await self._drop_oldest(conn, drop)
         dropped_new: dict[int, int] = {}
@@ -1072,18 +1363,28 @@ class Buffer:
 
         What the forwarder does after a 200: the deletion rides the next reading's commit instead of paying an
         fdatasync of its own. Nothing can send the points again meanwhile: every read of queued points, and the
-        budget of the next request (committed at once, with everything pending), waits for it first. So a crash
-        resends at most this batch, as it would have if the cloud's answer had been lost.
+        budget of the next request, waits for it first. So a crash resends at most this batch, as it would have
+        if the cloud's answer had been lost. Points in the inbox leave its queue at once; their delivery rides
+        its next record.
         """
         column = "delivered_live" if path == "live" else "delivered_history"
+        loop = asyncio.get_running_loop()
+        parts: list[asyncio.Future[int]] = []
+        if any(i >= ID_BASE for i in ids):
+            taken = self._inboxed.deliver([i for i in ids if i >= ID_BASE], live=path == "live")
+            ids = self._translated(i for i in ids if i < ID_BASE or i in self._inboxed.moved)
+            if taken:
+                waiter: asyncio.Future[int] = loop.create_future()
+                self._inbox_waiters.append((waiter, len(taken)))
+                self._due_by(self._clock() + wait_s(OpKind.DELIVERY, self._commit_interval_s))
+                parts.append(waiter)
         device_id = self._device_ids.get(device)
-        if device_id is None or not ids:  # its points were never read through this buffer: none to delete
-            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            done.set_result(0)
-            return done
-        future = self._queue(self._remove_op(device_id, ids, column), OpKind.DELIVERY, None)
-        self._unsettled.add(future)
-        future.add_done_callback(self._unsettled.discard)
+        if device_id is not None and ids:  # else its points were never read through this buffer: none to delete
+            parts.append(self._queue(self._remove_op(device_id, ids, column), OpKind.DELIVERY, None))
+        future = _sum_of(loop, parts)
+        for part in parts:
+            self._unsettled.add(part)
+            part.add_done_callback(self._unsettled.discard)
         future.add_done_callback(_consume_exception)
         return future
 
@@ -1098,6 +1399,7 @@ class Buffer:
 
         Looked up first: a check that finds nothing to expire (nearly every one) is no commit of its own.
         """
+        await self._fold_inbox(device=device, pin=pin, before_ts=before_ts_ms)
         device_id = await self.device_id(device)
         oldest = await self._oldest_of_pin(device_id, pin)
         if oldest is None or oldest >= before_ts_ms:
@@ -1122,11 +1424,13 @@ class Buffer:
 
     async def reject(self, device: str, points: Sequence[QueuedPoint], reason: str) -> int:
         """Move points the cloud refused for good to the dead-letter table."""
+        await self._fold_inbox([p.id for p in points])
+        ids = self._translated(p.id for p in points)
         device_id = await self.device_id(device)
         now_ms = time.time_ns() // 1_000_000
 
         async def op(conn: aiosqlite.Connection) -> int:
-            count, in_tail = await self._delete_ids(conn, [p.id for p in points])
+            count, in_tail = await self._delete_ids(conn, ids)
             await conn.executemany(
                 "INSERT INTO deadletter (device_id, pin, ts, value, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
                 [(device_id, p.pin, p.ts_ms, p.value_json, redact(reason), now_ms) for p in points],
@@ -1236,7 +1540,8 @@ class Buffer:
         return await self._remove(device, ids, "downsampled")
 
     async def _remove(self, device: str, ids: Sequence[int], column: str) -> int:
-        op = self._remove_op(await self.device_id(device), ids, column)
+        await self._fold_inbox(ids)
+        op = self._remove_op(await self.device_id(device), self._translated(ids), column)
         result: int = await self.run_op(op, kind=OpKind.LIFECYCLE)
         return result
 
@@ -1300,7 +1605,9 @@ class Buffer:
         before = lease.spent
         spent = lease.add(day, month, messages=messages, points=points)
         lease.spent = spent
-        if lease.covers(spent) and not self._unsettled:
+        if lease.covers(spent):
+            # A delivery still riding along is committed first (an inbox record, or a commit of SQLite's own).
+            await self._settle_deliveries()
             self._queue(self._budget_op(device_id, lease, reserve=False), OpKind.FACT, ("budget", device_id))
             return spent
         reserved = lease.reservation(spent)
@@ -1453,7 +1760,9 @@ class Buffer:
         rows = await self._reader().execute_fetchall(
             "SELECT seq, ms, ts FROM resend_window WHERE port = ? ORDER BY id", (port,)
         )
-        return [(int(row[0]), row[1], row[2]) for row in rows]
+        inboxed = [(seq, ms, ts) for key_port, seq, ms, ts in self._inboxed.resend if key_port == port]
+        window = [(int(row[0]), row[1], row[2]) for row in rows] + inboxed
+        return window[-schema.RESEND_WINDOW_PER_PORT :]
 
     async def saved_ports(self) -> dict[str, tuple[int, int, int, int, str]]:
         """Return each port's last stored counters (lines ok, bad, ignored, reconnects, detail JSON)."""
@@ -1483,27 +1792,38 @@ class Buffer:
     async def pins_queued(self, device: str, *, settle: bool = True) -> list[int]:
         """Return the pins that have queued points, ascending."""
         device_id = self._device_ids.get(device)
-        if device_id is None:
-            return []
         if settle:  # see `ledger`
             await self._settle_deliveries()
-        async with self._reader().execute(filing.PINS_QUEUED, (device_id,)) as cursor:
-            return [int(row[0]) async for row in cursor]
+
+        async def read() -> set[int]:
+            if device_id is None:
+                return set()
+            async with self._reader().execute(filing.PINS_QUEUED, (device_id,)) as cursor:
+                return {int(row[0]) async for row in cursor}
+
+        pins = await self._merged(read)
+        return sorted(pins | self._inboxed.pins(device))
 
     @_reading
     async def newest(self, device: str, pin: int) -> QueuedPoint | None:
         """Return the newest queued point of one pin."""
         device_id = self._device_ids.get(device)
-        if device_id is None:
-            return None
         await self._settle_deliveries()
-        rows = await self._reader().execute_fetchall(
-            filing.both(
-                "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND {where} "
-                "ORDER BY ts DESC, id DESC LIMIT 1"
-            ),
-            (device_id, pin) * 2,
-        )
+
+        async def read() -> list[Any]:
+            if device_id is None:
+                return []
+            return list(
+                await self._reader().execute_fetchall(
+                    filing.both(
+                        "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND {where} "
+                        "ORDER BY ts DESC, id DESC LIMIT 1"
+                    ),
+                    (device_id, pin) * 2,
+                )
+            )
+
+        rows = [*await self._merged(read), *_rows(self._inboxed.of_pin(device, pin))]
         row = max(rows, key=lambda r: (r[1], r[0]), default=None)
         return QueuedPoint(row[0], pin, row[1], row[2]) if row else None
 
@@ -1513,19 +1833,34 @@ class Buffer:
     ) -> list[QueuedPoint]:
         """Return up to `limit` of a pin's queued points, oldest first, with row id <= max_id, past (ts, id) `after`."""
         device_id = self._device_ids.get(device)
-        if device_id is None or limit <= 0:
+        if limit <= 0:
             return []
         after_ts, after_id = after if after is not None else (-(2**63), -1)
+        top = max_id if max_id is not None else 2**63 - 1
         if after is None:  # a read past a cursor comes after the points its reader delivered
             await self._settle_deliveries()
-        # One fetchall: iterating the cursor would cost a thread hand-off per 64 rows.
-        rows = await self._reader().execute_fetchall(
-            filing.both(
-                "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? "
-                "AND (ts > ? OR (ts = ? AND id > ?)) AND {where} ORDER BY ts, id LIMIT ?"
-            ),
-            (device_id, pin, max_id if max_id is not None else 2**63 - 1, after_ts, after_ts, after_id, limit) * 2,
-        )
+
+        async def read() -> list[Any]:
+            if device_id is None:
+                return []
+            # One fetchall: iterating the cursor would cost a thread hand-off per 64 rows.
+            return list(
+                await self._reader().execute_fetchall(
+                    filing.both(
+                        "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? "
+                        "AND (ts > ? OR (ts = ? AND id > ?)) AND {where} ORDER BY ts, id LIMIT ?"
+                    ),
+                    (device_id, pin, top, after_ts, after_ts, after_id, limit) * 2,
+                )
+            )
+
+        rows = await self._merged(read)
+        inboxed = [
+            p
+            for p in self._inboxed.of_pin(device, pin)
+            if p.id <= top and (p.ts_ms > after_ts or (p.ts_ms == after_ts and p.id > after_id))
+        ]
+        rows.extend(_rows(inboxed))
         return [QueuedPoint(row[0], pin, row[1], row[2]) for row in heapq.nsmallest(limit, rows, key=_time_order)]
 
     @_reading
@@ -1534,21 +1869,28 @@ class Buffer:
     ) -> int:
         """Count a pin's queued points (row id <= max_id, timestamp < before_ts)."""
         device_id = self._device_ids.get(device)
-        if device_id is None:
-            return 0
         await self._settle_deliveries()
         bounds = (max_id if max_id is not None else 2**63 - 1, before_ts if before_ts is not None else 2**63 - 1)
-        rows = await self._reader().execute_fetchall(
-            filing.both(
-                "SELECT COUNT(*) FROM points WHERE device_id = ? AND pin = ? AND id <= ? AND ts < ? AND {where}"
-            ),
-            (device_id, pin, *bounds) * 2,
-        )
-        return sum(int(row[0]) for row in rows)
+
+        async def read() -> int:
+            if device_id is None:
+                return 0
+            rows = await self._reader().execute_fetchall(
+                filing.both(
+                    "SELECT COUNT(*) FROM points WHERE device_id = ? AND pin = ? AND id <= ? AND ts < ? AND {where}"
+                ),
+                (device_id, pin, *bounds) * 2,
+            )
+            return sum(int(row[0]) for row in rows)
+
+        counted = await self._merged(read)
+        return counted + sum(1 for p in self._inboxed.of_pin(device, pin) if p.id <= bounds[0] and p.ts_ms < bounds[1])
 
     @_reading
     async def max_id(self) -> int:
-        """Return the highest point row id ever committed so far."""
+        """Return the highest point id committed so far (an inbox id, above every row id, when it has any)."""
+        if self._inboxed.next_seq:
+            return ID_BASE + self._inboxed.next_seq - 1
         async with self._reader().execute("SELECT COALESCE(MAX(id), 0) FROM points") as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
@@ -1557,13 +1899,18 @@ class Buffer:
     async def oldest_ts(self, device: str, *, settle: bool = True) -> int | None:
         """Return the timestamp of the device's oldest queued point."""
         device_id = self._device_ids.get(device)
-        if device_id is None:
-            return None
         if settle:  # see `ledger`
             await self._settle_deliveries()
-        async with self._reader().execute(filing.OLDEST_TS_OF_DEVICE, (device_id,)) as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row and row[0] is not None else None
+
+        async def read() -> int | None:
+            if device_id is None:
+                return None
+            async with self._reader().execute(filing.OLDEST_TS_OF_DEVICE, (device_id,)) as cursor:
+                row = await cursor.fetchone()
+            return int(row[0]) if row and row[0] is not None else None
+
+        found = [ts for ts in (await self._merged(read), self._inboxed.oldest_ts(device)) if ts is not None]
+        return min(found, default=None)
 
     @_reading
     async def _oldest_of_pin(self, device_id: int, pin: int) -> int | None:
@@ -1576,14 +1923,18 @@ class Buffer:
         """Return a device's ledger counters: with `settle`, the deliveries still riding along committed first;
         without (a periodic report: STATUS=, metrics), as the file has them, never waiting for a commit."""
         device_id = self._device_ids.get(device)
-        counts = dict.fromkeys(LEDGER_FIELDS, 0)
-        if device_id is None:
-            return counts
         if settle:
             await self._settle_deliveries()
-        async with self._reader().execute(counting.LEDGER_OF, (device_id,)) as cursor:
-            row = await cursor.fetchone()
-        return counting.ledger_row(tuple(row)) if row else counts
+
+        async def read() -> dict[str, int]:
+            counts = dict.fromkeys(LEDGER_FIELDS, 0)
+            if device_id is None:
+                return counts
+            async with self._reader().execute(counting.LEDGER_OF, (device_id,)) as cursor:
+                row = await cursor.fetchone()
+            return counting.ledger_row(tuple(row)) if row else counts
+
+        return inboxes.with_counts(await self._merged(read), self._inboxed.counts.get(device))
 
     def _connection(self) -> aiosqlite.Connection:
         if self._write is None:
@@ -1606,9 +1957,44 @@ def _stopped_uncleanly(path: Path) -> bool:
     return not path.exists() or (wal.exists() and wal.stat().st_size > 0)
 
 
+def _rows(points: Iterable[InboxPoint]) -> list[tuple[int, int, str]]:
+    """Inbox points as (id, ts, value) rows, as the reads of SQLite give them."""
+    return [(p.id, p.ts_ms, p.value_json) for p in points]
+
+
+def _fold_order(point: InboxPoint) -> tuple[str, int, int, int]:
+    """The order folded points are inserted in: each pin's together (its deliveries then free whole pages)."""
+    return point.device, point.pin, point.ts_ms, point.id
+
+
 def _time_order(row: Any) -> tuple[int, int]:
     """(ts, id) of an (id, ts, value) row: the order a pin's points are sent in."""
     return int(row[1]), int(row[0])
+
+
+def _sum_of(loop: asyncio.AbstractEventLoop, parts: Sequence[asyncio.Future[int]]) -> asyncio.Future[int]:
+    """A future of the parts' sum (the first failure, if one fails)."""
+    total: asyncio.Future[int] = loop.create_future()
+    if not parts:
+        total.set_result(0)
+        return total
+
+    def finished(_: asyncio.Future[int]) -> None:
+        if total.done() or not all(part.done() for part in parts):
+            return
+        for part in parts:
+            if part.cancelled():
+                total.cancel()
+                return
+            failure = part.exception()
+            if failure is not None:
+                total.set_exception(failure)
+                return
+        total.set_result(sum(part.result() for part in parts))
+
+    for part in parts:
+        part.add_done_callback(finished)
+    return total
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

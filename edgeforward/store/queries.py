@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..timebase import utc_day, utc_month
 from . import counting, filing
+from . import inbox as inboxes
 from .errors import wrap
 from .schema import BUSY_TIMEOUT_MS, LEDGER_FIELDS
+
+_T = TypeVar("_T")
 
 
 @contextlib.contextmanager
@@ -46,13 +49,47 @@ class DeviceRow:
     deadletter: int
 
 
+INBOX_READ_ATTEMPTS = 5  # a settle between the reads of SQLite and of the inbox: read both again
+
+
+def _inbox_generation(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (inboxes.META_GENERATION,)).fetchone()
+    return inboxes.generation_of(row[0] if row else None)
+
+
+def _with_inbox(
+    db: sqlite3.Connection, read: Callable[[sqlite3.Connection], _T]
+) -> tuple[_T, dict[str, inboxes.Counts]]:
+    """`read` of SQLite, and what the daemon's inbox (store/inbox.py) counts beside it, from one generation."""
+    files = [row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"]
+    path = Path(files[0]) if files and files[0] else None
+    for _ in range(INBOX_READ_ATTEMPTS):
+        generation = _inbox_generation(db)
+        result = read(db)
+        found = inboxes.unapplied(path, generation) if path is not None else None
+        if _inbox_generation(db) == generation:
+            break
+    return result, inboxes.counts(found[1].records) if found is not None else {}
+
+
+def inbox(db: sqlite3.Connection) -> dict[str, inboxes.Counts]:
+    """What the daemon's inbox counts per device beside SQLite's ledger (its queued points are in no table)."""
+    return _with_inbox(db, lambda _: None)[1]
+
+
 def devices(db: sqlite3.Connection, now_s: float) -> dict[str, DeviceRow]:
     """Return every device's ledger, budget, state and dead-letter count."""
     today, month = utc_day(now_s), utc_month(now_s)
     result: dict[str, DeviceRow] = {}
-    ledgers = {int(row[0]): counting.ledger_row(tuple(row)) for row in db.execute(counting.LEDGER)}
-    for name, device_id in db.execute("SELECT name, id FROM devices").fetchall():
-        counts = ledgers.get(int(device_id), dict.fromkeys(LEDGER_FIELDS, 0))
+    rows, inboxed = _with_inbox(db, lambda conn: list(conn.execute(counting.LEDGER)))
+    ledgers = {int(row[0]): counting.ledger_row(tuple(row)) for row in rows}
+    names = db.execute("SELECT name, id FROM devices").fetchall()
+    known = {str(name) for name, _ in names}
+    names += [(name, -1) for name in inboxed if name not in known]  # only in the inbox yet
+    for name, device_id in names:
+        extra = inboxed.get(str(name))
+        counts = inboxes.with_counts(ledgers.get(int(device_id), dict.fromkeys(LEDGER_FIELDS, 0)), extra)
+        oldest = [ts for ts in (oldest_ts(db, device_id), extra and extra.oldest_queued_ts) if ts]
         budget = db.execute(
             "SELECT day, points_day, month, messages_month FROM budget WHERE device_id = ?", (device_id,)
         ).fetchone()
@@ -61,7 +98,7 @@ def devices(db: sqlite3.Connection, now_s: float) -> dict[str, DeviceRow]:
         ).fetchone()
         result[str(name)] = DeviceRow(
             ledger=counts,
-            oldest_queued_ts=oldest_ts(db, device_id),
+            oldest_queued_ts=min(oldest, default=None),
             points_today=int(budget[1]) if budget and budget[0] == today else 0,
             messages_this_month=int(budget[3]) if budget and budget[2] == month else 0,
             state=(str(state[0]), state[1], state[2]) if state else None,
@@ -109,9 +146,12 @@ def held_by_device(db: sqlite3.Connection) -> dict[str, int]:
 def ledger_total(db: sqlite3.Connection) -> dict[str, int]:
     """Return the ledger summed over every device (the tail of uncounted points included: store/counting.py)."""
     total = dict.fromkeys(LEDGER_FIELDS, 0)
-    for row in db.execute(counting.LEDGER):
+    rows, inboxed = _with_inbox(db, lambda conn: list(conn.execute(counting.LEDGER)))
+    for row in rows:
         for field, value in counting.ledger_row(tuple(row)).items():
             total[field] += value
+    for counts in inboxed.values():
+        total = inboxes.with_counts(total, counts)
     return total
 
 
