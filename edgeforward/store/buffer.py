@@ -423,7 +423,7 @@ class Buffer:
         if self._write is not None:
             async with self._commit_lock:
                 await self._flush_locked()
-                await self.close_inbox()
+                await self._close_inbox()
                 if self._ingest_failed_dirty or self._retry:
                     log.error(
                         "buffer_closed_unsaved",
@@ -619,11 +619,8 @@ class Buffer:
                 return self._ops_failed(pending, second)
         self.commits += 1
         self._retry.succeeded()
-        if ingest_error is None and readings and self._full_since is not None:
-            log.warning("buffer_ingest_resumed", full_for_s=round(self._clock() - self._full_since, 1))
-            self._full_since = None
-            if self._reserve_released and await asyncio.to_thread(capacity.make_reserve, self.path):
-                self._reserve_released = False
+        if ingest_error is None and readings:
+            await self._ingest_resumed()
         for op, result in zip(pending.ops, results, strict=True):
             if not op.future.done():
                 op.future.set_result(result)
@@ -637,6 +634,15 @@ class Buffer:
             for listener in self._listeners:
                 listener(committed)
         return True
+
+    async def _ingest_resumed(self) -> None:
+        """Readings were committed: a full disk that refused earlier ones has room again."""
+        if self._full_since is None:
+            return
+        log.warning("buffer_ingest_resumed", full_for_s=round(self._clock() - self._full_since, 1))
+        self._full_since = None
+        if self._reserve_released and await asyncio.to_thread(capacity.make_reserve, self.path):
+            self._reserve_released = False
 
     async def _commit_without(
         self, pending: Pending, failure: sqlite3.Error | _SkipReadings
@@ -1064,6 +1070,7 @@ class Buffer:
         self.commits += 1
         if not takes:
             return pending, True
+        await self._ingest_resumed()
         for reading in pending.waiters:
             if not reading.done():
                 reading.set_result(None)
@@ -1102,8 +1109,7 @@ class Buffer:
         ):
             fold = True
         elif inbox.size >= inboxes.COMPACT_BYTES:
-            carried = len(self._inboxed.carried().encode())
-            if carried > inbox.size * inboxes.CARRY_MAX_FRACTION:
+            if queued * inboxes.CARRIED_POINT_BYTES > inbox.size * inboxes.CARRY_MAX_FRACTION:
                 return  # most of the file is still queued: wait for the cloud to take it
             fold = False
         else:
@@ -1228,7 +1234,7 @@ class Buffer:
                     return result
             await asyncio.sleep(SETTLE_POLL_S)
 
-    async def close_inbox(self) -> None:
+    async def _close_inbox(self) -> None:
         """At a clean stop: fold the inbox into SQLite and remove its file (kept, and replayed, if it cannot)."""
         inbox = self._inbox
         if inbox is None:
@@ -1810,19 +1816,12 @@ class Buffer:
         device_id = self._device_ids.get(device)
         await self._settle_deliveries()
 
-        async def read() -> list[Any]:
-            if device_id is None:
-                return []
-            return list(
-                await self._reader().execute_fetchall(
-                    filing.both(
-                        "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND {where} "
-                        "ORDER BY ts DESC, id DESC LIMIT 1"
-                    ),
-                    (device_id, pin) * 2,
-                )
-            )
-
+        read = self._point_rows(
+            device_id,
+            "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND {where} "
+            "ORDER BY ts DESC, id DESC LIMIT 1",
+            (pin,),
+        )
         rows = [*await self._merged(read), *_rows(self._inboxed.of_pin(device, pin))]
         row = max(rows, key=lambda r: (r[1], r[0]), default=None)
         return QueuedPoint(row[0], pin, row[1], row[2]) if row else None
@@ -1840,20 +1839,12 @@ class Buffer:
         if after is None:  # a read past a cursor comes after the points its reader delivered
             await self._settle_deliveries()
 
-        async def read() -> list[Any]:
-            if device_id is None:
-                return []
-            # One fetchall: iterating the cursor would cost a thread hand-off per 64 rows.
-            return list(
-                await self._reader().execute_fetchall(
-                    filing.both(
-                        "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? "
-                        "AND (ts > ? OR (ts = ? AND id > ?)) AND {where} ORDER BY ts, id LIMIT ?"
-                    ),
-                    (device_id, pin, top, after_ts, after_ts, after_id, limit) * 2,
-                )
-            )
-
+        read = self._point_rows(
+            device_id,
+            "SELECT id, ts, value FROM points WHERE device_id = ? AND pin = ? AND id <= ? "
+            "AND (ts > ? OR (ts = ? AND id > ?)) AND {where} ORDER BY ts, id LIMIT ?",
+            (pin, top, after_ts, after_ts, after_id, limit),
+        )
         rows = await self._merged(read)
         inboxed = [
             p
@@ -1862,6 +1853,19 @@ class Buffer:
         ]
         rows.extend(_rows(inboxed))
         return [QueuedPoint(row[0], pin, row[1], row[2]) for row in heapq.nsmallest(limit, rows, key=_time_order)]
+
+    def _point_rows(
+        self, device_id: int | None, part: str, params: tuple[Any, ...]
+    ) -> Callable[[], Awaitable[list[Any]]]:
+        """A read of a device's points, `part` over the filed and the unfiled ones (`filing.both`), in one fetchall
+        (iterating the cursor would cost a thread hand-off per 64 rows); none for a device SQLite does not know."""
+
+        async def read() -> list[Any]:
+            if device_id is None:
+                return []
+            return list(await self._reader().execute_fetchall(filing.both(part), (device_id, *params) * 2))
+
+        return read
 
     @_reading
     async def count_queued(

@@ -52,11 +52,13 @@ META_GENERATION: Final = "inbox_generation"
 ID_BASE: Final = 1 << 60
 # A point still queued this long after its commit goes into SQLite (the cloud is away: it is a backlog now).
 FOLD_AFTER_S: Final = 300.0
-# ... or sooner, once the inbox queues this many points (memory, and the replay after a crash, stay small).
-FOLD_MAX_POINTS: Final = 20_000
+# ... or sooner, once the inbox queues this many points (about 2 MB of memory; the replay after a crash stays
+# small). Two minutes of 10 lines of 4 pins a second: a history round (60 s by default) finds them here.
+FOLD_MAX_POINTS: Final = 5_000
 # Settle once the file is this large; carry the queued points over only while they are a small part of it.
 COMPACT_BYTES: Final = 64 * 1024
 CARRY_MAX_FRACTION: Final = 0.25
+CARRIED_POINT_BYTES: Final = 24  # about what a carried point takes in the new file (its id, time, value)
 # ... and settle anyway when the file grows this large (what is still queued is folded into SQLite instead).
 COMPACT_MAX_BYTES: Final = 1024 * 1024
 # Room reserved for the file (fallocate, the size unchanged): appends need no new block, even on a full disk.
@@ -281,7 +283,7 @@ class InboxFile:
         """Write a new generation beside `path` (with the records it carries), fsync it and rename it into place."""
         new = path.with_name(path.name + NEW_SUFFIX)
         data = header(generation) + b"".join(record.encode() for record in records)
-        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)  # as SQLite makes its files
         try:
             _preallocate(fd, len(data))
             _write_all(fd, data)
@@ -384,7 +386,7 @@ def iter_points(records: Iterable[Record]) -> Iterator[InboxPoint]:
         yield from record.points
 
 
-MOVED_REMEMBERED: Final = 2 * FOLD_MAX_POINTS  # ids of folded points a caller may still hold (a batch in flight)
+MOVED_REMEMBERED: Final = FOLD_MAX_POINTS  # ids of folded points a caller may still hold (a batch in flight)
 
 
 class Queue:

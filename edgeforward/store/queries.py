@@ -66,7 +66,10 @@ def _with_inbox(
     for _ in range(INBOX_READ_ATTEMPTS):
         generation = _inbox_generation(db)
         result = read(db)
-        found = inboxes.unapplied(path, generation) if path is not None else None
+        try:
+            found = inboxes.unapplied(path, generation) if path is not None else None
+        except OSError as exc:
+            raise wrap(exc, f"reading the inbox of {path}") from exc
         if _inbox_generation(db) == generation:
             break
     return result, inboxes.counts(found[1].records) if found is not None else {}

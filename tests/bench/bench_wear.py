@@ -54,7 +54,7 @@ from .common import (
 )
 
 NAME = "wear"
-BEFORE_COMMIT = "908851b"  # main before the wear work: the "before" of every figure
+BEFORE_COMMIT = "98ac682"  # main before the inbox (store/inbox.py): the "before" of every figure
 SETTLE_S = 2.0  # after daemon_started, before the count starts (start-up writes are not the load's)
 DRAIN_TIMEOUT_S = 150.0  # after the last line: the cloud takes the rest with the next history round (60 s)
 DRAIN_POLL_S = 1.0
