@@ -1051,7 +1051,12 @@ class Buffer:
         record = self._inboxed.record(fresh, resend)
         written = len(self._inboxed.unwritten)
         try:
-            await asyncio.to_thread(inbox.append, record.encode())
+            data = record.encode()
+        except ValueError as exc:  # no reading the parsers let through fails to encode: SQLite takes it anyway
+            log.error("inbox_encode_failed", error=str(exc), points=len(fresh))
+            return pending, False
+        try:
+            await asyncio.to_thread(inbox.append, data)
         except OSError as exc:
             if not self._inbox_failed_logged:
                 self._inbox_failed_logged = True
