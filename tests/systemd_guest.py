@@ -39,7 +39,8 @@ STOP_WITHIN_S = 2.0
 BUFFER = Path("/var/lib/edgeforward/buffer.db")  # config/edgeforward.toml's [buffer] path
 TIMEOUT_DROP_IN = Path("/etc/systemd/system/edgeforward.service.d/ci-timeout.conf")
 SHORT_START_TIMEOUT_S = 3
-RECOVERY_POINTS = 4_000_000  # a recovery of several seconds, well past SHORT_START_TIMEOUT_S, on a fast machine (2 M took 2.7 s here once)
+# A recovery of several seconds, well past SHORT_START_TIMEOUT_S, on a fast machine (2 M points once took 2.7 s).
+RECOVERY_POINTS = 4_000_000
 # Queues that many points of "pump" in the daemon's buffer in bulk (argv: path, points): new rows are counted by
 # the ledger's tail (store/counting.py), so no ledger row is touched.
 FILL_BUFFER = (
