@@ -297,6 +297,23 @@ async def test_a_settle_committed_but_not_renamed_is_finished_at_the_next_start(
         assert await again.pins_queued("pump") == [1, 2, 3, 4, 9]  # generation 5's point; 4's was applied
 
 
+def kept_aside(directory: Path) -> list[bytes]:
+    """The first line of each inbox moved aside as damaged."""
+    return [path.read_bytes().split(b"\n")[0] for path in directory.glob("buffer.db.inbox.corrupt-*")]
+
+
+async def test_an_inbox_whose_header_is_damaged_is_moved_aside_not_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    async with daemon_buffer(path) as buf:
+        await buf.submit(line(0))
+    inbox = inboxes.inbox_path(path)
+    inbox.write_bytes(b"\x00garbage\n" + Record(points=[InboxPoint(ID_BASE, "pump", 1, BASE_TS, "1")]).encode())
+    async with daemon_buffer(path) as again:
+        await again.submit(line(1))
+        assert (await again.ledger("pump"))["received"] == 8
+    assert kept_aside(tmp_path) == [b"\x00garbage"]
+
+
 # kill -9 at random moments of settles -----------------------------------------------------------------------
 
 _CHILD = """

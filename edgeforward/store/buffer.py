@@ -996,7 +996,9 @@ class Buffer:
             raise wrap(exc, f"reading {path}") from exc
         if found is None:
             try:
-                await asyncio.to_thread(inboxes.remove_stale, path)
+                aside = await asyncio.to_thread(inboxes.remove_stale, path, time.time())
+                if aside is not None:
+                    log.error("inbox_damaged", moved_to=aside.name, detail="its header is unreadable: kept aside")
                 self._inbox = await asyncio.to_thread(InboxFile.create, path, max(applied, 1))
                 await asyncio.to_thread(self._inbox.install, path)
             except OSError as exc:  # a full disk, a read-only directory: SQLite takes every commit, as it can

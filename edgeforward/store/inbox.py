@@ -32,6 +32,7 @@ import ctypes
 import functools
 import json
 import os
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -210,11 +211,18 @@ def unapplied(buffer_path: Path, generation: int) -> tuple[Path, Replay] | None:
     return None
 
 
-def remove_stale(path: Path) -> None:
-    """Delete an inbox whose every record SQLite has (and a settle's unfinished new file)."""
+def remove_stale(path: Path, now_s: float) -> Path | None:
+    """Delete an inbox whose every record SQLite has (and a settle's unfinished new file); one without a valid
+    header is not deleted but moved aside, `.corrupt-<UTC time>` (what it holds is no longer readable here).
+    Return where a damaged one went."""
+    aside = None
+    if path.exists() and read_file(path) is None:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now_s))}")
+        os.replace(path, aside)
     for stale in (path, path.with_name(path.name + NEW_SUFFIX)):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
+    return aside
 
 
 @dataclass
