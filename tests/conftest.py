@@ -206,6 +206,44 @@ def daemon_factory() -> Iterator[Callable[[Path], DaemonProcess]]:
         process.cleanup()
 
 
+TMPFS_BYTES = 6 * 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real tmpfs of a few MB, mounted for the test (needs root; skipped with the reason otherwise)."""
+    mount = tmp_path / "sd"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        reason = f"cannot mount a tmpfs ({result.stderr.strip() or result.returncode}): needs root"
+        print(reason)
+        pytest.skip(reason)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path, name: str = "filler") -> Path:
+    """Fill the file system to the last byte with one file."""
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (1024 * 1024, 64 * 1024, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, bytes(size)) == size:
+                    pass
+    finally:
+        os.close(fd)
+    return path
+
+
 @contextlib.asynccontextmanager
 async def open_buffer(path: Path, **kwargs: Any) -> AsyncIterator[Buffer]:
     """A real buffer file with its writer running; committed and closed on exit."""

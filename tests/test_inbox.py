@@ -22,11 +22,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgeforward.points import Point
-from edgeforward.store import Buffer, queries, schema
+from edgeforward.store import Buffer, IngestFailedError, queries, schema
 from edgeforward.store import inbox as inboxes
 from edgeforward.store.inbox import ID_BASE, InboxFile, InboxPoint, Record
 
-from .conftest import Ticks, open_buffer
+from .conftest import Ticks, fill, open_buffer
 
 BASE_TS = 1_764_000_000_000
 KILL_ROUNDS = 20
@@ -312,6 +312,53 @@ async def test_an_inbox_whose_header_is_damaged_is_moved_aside_not_deleted(tmp_p
         await again.submit(line(1))
         assert (await again.ledger("pump"))["received"] == 8
     assert kept_aside(tmp_path) == [b"\x00garbage"]
+
+
+async def test_on_a_full_disk_the_inbox_keeps_its_last_room_for_deliveries(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real tmpfs filled to the last byte: readings go on into the inbox's reserved room, then stop short of
+    its end (SQLite takes them while it can, then they are counted `ingest_failed`), and the cloud's deliveries
+    are still recorded there, so a crash on a full disk resends no more than it would elsewhere."""
+    monkeypatch.setattr(inboxes, "PREALLOCATE_BYTES", 64 * 1024)  # used up before the queue's cap is reached
+    path = small_disk / "buffer.db"
+    async with daemon_buffer(path) as buf:
+        await buf.submit(line(0))
+        await asyncio.to_thread(fill, small_disk)
+        taken = 1
+        while taken < 50_000:
+            try:
+                await buf.submit(line(taken))
+            except IngestFailedError:
+                break
+            taken += 1
+        else:
+            pytest.fail("a full disk took 50,000 lines")
+        queued = [p for pin in (1, 2, 3, 4) for p in await buf.oldest("pump", pin, 10**6)]
+        inboxed = [p for p in queued if p.id >= ID_BASE]
+        assert len(inboxed) > 500  # the reserved room took readings after the disk was full
+        # ... and stopped with DELIVERY_ROOM_BYTES of it left (then SQLite's reserve, released, took some more).
+        size = await asyncio.to_thread(lambda: inboxes.inbox_path(path).stat().st_size)
+        assert size <= 64 * 1024 - inboxes.DELIVERY_ROOM_BYTES + 1024
+        for start in range(0, 500, 50):  # 10 requests' deliveries, each its own record
+            batch = inboxed[start : start + 50]
+            assert await buf.deliver("pump", [p.id for p in batch], "history") == len(batch)
+        expected = await buf.ledger("pump")
+        assert expected["delivered_history"] == 500 and buf.ingest_failed == {"pump": 4}
+        # A power cut now: the files as they are.
+        crash = await asyncio.to_thread(copy_buffer, small_disk, small_disk.parent / "crash")
+    async with daemon_buffer(crash / "buffer.db") as again:
+        replayed = await again.ledger("pump")
+        assert replayed["delivered_history"] == 500 and replayed["received"] == expected["received"]
+
+
+def copy_buffer(source: Path, destination: Path) -> Path:
+    """The buffer's files as a power cut would leave them, copied elsewhere."""
+    destination.mkdir()
+    for name in ("buffer.db", "buffer.db-wal", "buffer.db.inbox"):
+        if (source / name).exists():
+            shutil.copy(source / name, destination / name)
+    return destination
 
 
 # kill -9 at random moments of settles -----------------------------------------------------------------------

@@ -9,10 +9,9 @@ import os
 import random
 import shutil
 import sqlite3
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,47 +21,21 @@ from edgeforward.points import Point
 from edgeforward.store import Buffer, StoreClosedError, StoreError, StoreFullError, queries
 from edgeforward.store.recovery import BUILDING_SUFFIX, BUILT_SUFFIX
 
-from .conftest import TOKEN, DaemonProcess, Pty, edgeforward, ledger_adds_up, open_buffer, wait_for, write_config
+from .conftest import (
+    TOKEN,
+    DaemonProcess,
+    Pty,
+    edgeforward,
+    fill,
+    ledger_adds_up,
+    open_buffer,
+    wait_for,
+    write_config,
+)
 
 BASE_TS = 1_764_000_000_000
-TMPFS_BYTES = 6 * 1024 * 1024
 FLOW_TIMEOUT_S = 60.0
 PUMP = {"name": "pump", "token": TOKEN, "pins": {"v1": "double", "v2": "integer"}}
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real tmpfs of a few MB, mounted for the test (needs root; skipped with the reason otherwise)."""
-    mount = tmp_path / "sd"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        reason = f"cannot mount a tmpfs ({result.stderr.strip() or result.returncode}): needs root"
-        print(reason)
-        pytest.skip(reason)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(directory: Path, name: str = "filler") -> Path:
-    """Fill the file system to the last byte with one file."""
-    path = directory / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        for size in (1024 * 1024, 64 * 1024, 4096, 512, 1):
-            with contextlib.suppress(OSError):
-                while os.write(fd, bytes(size)) == size:
-                    pass
-    finally:
-        os.close(fd)
-    return path
 
 
 async def write_lines(pty: Pty, start: int, count: int) -> int:

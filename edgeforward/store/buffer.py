@@ -1033,6 +1033,7 @@ class Buffer:
             and points < filing.FILE_DIRECT_POINTS
             and self.queued_total + points <= self._max_points
             and len(self._inboxed) + points <= inboxes.FOLD_MAX_POINTS
+            and (self._inbox is None or self._inbox.takes_readings)
         )
 
     async def _to_inbox(self, pending: Pending) -> tuple[Pending, bool]:

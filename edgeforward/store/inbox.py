@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -64,6 +65,9 @@ CARRIED_POINT_BYTES: Final = 24  # about what a carried point takes in the new f
 COMPACT_MAX_BYTES: Final = 1024 * 1024
 # Room reserved for the file (fallocate, the size unchanged): appends need no new block, even on a full disk.
 PREALLOCATE_BYTES: Final = 256 * 1024
+# Once the disk has no room for more, the last of the reserved room is kept for delivery records (about 1,000):
+# readings go to SQLite (or are counted `ingest_failed`), and the cloud's deliveries are still recorded.
+DELIVERY_ROOM_BYTES: Final = 32 * 1024
 
 
 def inbox_path(buffer_path: Path) -> Path:
@@ -285,6 +289,25 @@ class InboxFile:
         self.generation = generation
         self._fd = fd
         self.size = size
+        self.reserved_to: int | None = None  # blocks are reserved up to here (None: the file system cannot say)
+        self.out_of_room = False  # the last reservation failed for want of space
+
+    @property
+    def takes_readings(self) -> bool:
+        """False once the disk is full and little reserved room is left: that is kept for delivery records."""
+        if not self.out_of_room or self.reserved_to is None:
+            return True
+        return self.reserved_to - self.size >= DELIVERY_ROOM_BYTES
+
+    def _reserve(self) -> None:
+        """Reserve the next PREALLOCATE_BYTES past the end (best effort; see _preallocate)."""
+        reserved = _preallocate(self._fd, self.size)
+        if reserved is None:
+            self.reserved_to = None
+        elif reserved:
+            self.reserved_to, self.out_of_room = self.size + PREALLOCATE_BYTES, False
+        else:
+            self.reserved_to, self.out_of_room = max(self.reserved_to or 0, self.size), True
 
     @classmethod
     def create(cls, path: Path, generation: int, records: Sequence[Record] = ()) -> InboxFile:
@@ -292,16 +315,18 @@ class InboxFile:
         new = path.with_name(path.name + NEW_SUFFIX)
         data = header(generation) + b"".join(record.encode() for record in records)
         fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)  # as SQLite makes its files
+        made = cls(new, generation, fd, 0)
         try:
-            _preallocate(fd, len(data))
-            _write_all(fd, data)
+            made._reserve()
+            _pwrite_all(fd, data, 0)
             os.fdatasync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 new.unlink()
             raise
-        return cls(new, generation, fd, len(data))
+        made.size = len(data)
+        return made
 
     def install(self, path: Path) -> None:
         """Rename a file made by `create` over the inbox (after SQLite committed its generation)."""
@@ -315,7 +340,9 @@ class InboxFile:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         if replay.torn_tail:
             os.ftruncate(fd, replay.good_size)  # the next record must not be glued to a torn one
-        return cls(path, replay.generation, fd, replay.good_size)
+        reopened = cls(path, replay.generation, fd, replay.good_size)
+        reopened._reserve()
+        return reopened
 
     def append(self, data: bytes) -> None:
         """Append whole records and fdatasync; on failure the file is cut back to its last whole record."""
@@ -325,12 +352,13 @@ class InboxFile:
             os.fdatasync(self._fd)
         except OSError:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self.size)
+                os.ftruncate(self._fd, self.size)  # which may also free the reserved blocks: reserve them again
+                self.reserved_to = self.size if self.reserved_to is not None else None
+                self._reserve()
             raise
         self.size += written
-        if self.size % PREALLOCATE_BYTES < written:
-            with contextlib.suppress(OSError):
-                _preallocate(self._fd, self.size)
+        if self.reserved_to is not None and self.reserved_to - self.size < PREALLOCATE_BYTES // 2:
+            self._reserve()
 
     def close(self) -> None:
         """Close the file descriptor."""
@@ -342,10 +370,6 @@ class InboxFile:
         self.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    _pwrite_all(fd, data, 0)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -371,12 +395,15 @@ def _fallocate() -> Any:
     return call
 
 
-def _preallocate(fd: int, size: int) -> None:
-    """Reserve the blocks of the next PREALLOCATE_BYTES past `size`, the file's size unchanged (best effort):
-    appends into them need no new block, so a full disk still takes the inbox's next records."""
+def _preallocate(fd: int, size: int) -> bool | None:
+    """Reserve the blocks of the next PREALLOCATE_BYTES past `size`, the file's size unchanged, so that appends
+    into them need no new block on a full disk. True: reserved; False: no room; None: not supported here."""
     call = _fallocate()
-    if call is not None:
-        call(fd, _FALLOC_FL_KEEP_SIZE, size, PREALLOCATE_BYTES)  # a failure (no room) leaves the file to grow
+    if call is None:
+        return None
+    if call(fd, _FALLOC_FL_KEEP_SIZE, size, PREALLOCATE_BYTES) == 0:
+        return True
+    return False if ctypes.get_errno() in (errno.ENOSPC, errno.EDQUOT) else None
 
 
 def _fsync_dir(directory: Path) -> None:
