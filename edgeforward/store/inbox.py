@@ -35,7 +35,7 @@ import json
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -413,12 +413,6 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def iter_points(records: Iterable[Record]) -> Iterator[InboxPoint]:
-    """Every point of the records, in order."""
-    for record in records:
-        yield from record.points
 
 
 MOVED_REMEMBERED: Final = FOLD_MAX_POINTS  # ids of folded points a caller may still hold (a batch in flight)
