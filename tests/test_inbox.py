@@ -410,8 +410,10 @@ def _run_child(path: Path, start: int, seconds: float) -> tuple[int, int, int]:
     child.send_signal(signal.SIGKILL)
     child.wait()
     output += child.stdout.read() or b""
-    acked = [int(parts[1]) for parts in (text.split() for text in output.decode().splitlines()) if parts[0] == "acked"]
-    delivered = sum(int(text.split()[1]) for text in output.decode().splitlines() if text.startswith("delivered"))
+    # Whole lines only: the kill may cut the last one (under load, "acked" without its number).
+    lines = [text.split() for text in output.decode().split("\n")[:-1]]
+    acked = [int(parts[1]) for parts in lines if parts[0] == "acked"]
+    delivered = sum(int(parts[1]) for parts in lines if parts[0] == "delivered")
     assert acked, f"the child never acknowledged a reading: {output[-500:]!r}"
     return start, len(acked), delivered
 
