@@ -1024,12 +1024,12 @@ class Buffer:
         except StoreError as exc:
             log.warning("inbox_settle_failed", error=str(exc), queued=len(self._inboxed))
 
-    def _inbox_takes(self, pending: Pending) -> bool:
-        """Whether a commit's readings go to the inbox: wall-clock readings, not a flood, within the point cap."""
-        points = len(pending.points)
+    def _inbox_takes(self, pending: Pending, points: int) -> bool:
+        """Whether a commit's `points` readings go to the inbox: wall-clock readings (none held), not a flood,
+        within the point cap."""
         return (
             points > 0
-            and points == len(pending.readings)
+            and all(boot_id is None for boot_id, _, _, _ in pending.submits)
             and points < filing.FILE_DIRECT_POINTS
             and self.queued_total + points <= self._max_points
             and len(self._inboxed) + points <= inboxes.FOLD_MAX_POINTS
@@ -1041,14 +1041,15 @@ class Buffer:
         (everything, when the inbox does not take these readings or the append failed) and whether it appended."""
         inbox = self._inbox
         assert inbox is not None
-        takes = self._inbox_takes(pending)
-        if pending.readings and not takes and self._inboxed.points:
+        readings = pending.points
+        takes = self._inbox_takes(pending, len(readings))
+        if not takes and self._inboxed.points and any(points for _, points, _, _ in pending.submits):
             # Held readings, a flood, the point cap: SQLite's code handles them, after what the inbox queues.
             with contextlib.suppress(StoreError):
                 await self._settle_inbox(fold=True)
         if not takes and not self._inboxed.unwritten:
             return pending, False
-        points = pending.points if takes else []
+        points = readings if takes else []
         fresh = self._inboxed.new_points([(p.device, p.pin, p.ts_ms, value_json(p.value)) for p in points])
         resend = pending.resend if takes else []
         record = self._inboxed.record(fresh, resend)

@@ -172,6 +172,14 @@ class Replay:
     good_size: int = 0
 
 
+def _generation_in(first_line: bytes) -> int | None:
+    """The generation a header line names (None: it is no whole header line)."""
+    parts = first_line.split()
+    if not first_line.endswith(b"\n") or len(parts) != 2 or parts[0] != MAGIC or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
 def read_file(path: Path) -> Replay | None:
     """Read an inbox file (None: there is none, or it has no valid header)."""
     try:
@@ -179,10 +187,10 @@ def read_file(path: Path) -> Replay | None:
     except FileNotFoundError:
         return None
     first, newline, rest = data.partition(b"\n")
-    parts = first.split()
-    if not newline or len(parts) != 2 or parts[0] != MAGIC or not parts[1].isdigit():
+    generation = _generation_in(first + newline)
+    if generation is None:
         return None
-    replay = Replay(generation=int(parts[1]), good_size=len(first) + 1)
+    replay = Replay(generation=generation, good_size=len(first) + 1)
     offset = replay.good_size
     for line in rest.splitlines(keepends=True):
         offset += len(line)
@@ -220,7 +228,12 @@ def remove_stale(path: Path, now_s: float) -> Path | None:
     header is not deleted but moved aside, `.corrupt-<UTC time>` (what it holds is no longer readable here).
     Return where a damaged one went."""
     aside = None
-    if path.exists() and read_file(path) is None:
+    try:
+        with path.open("rb") as file:  # the header alone: the records are not needed to tell
+            damaged = _generation_in(file.readline(len(MAGIC) + 32)) is None
+    except FileNotFoundError:
+        damaged = False
+    if damaged:
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now_s))}")
         os.replace(path, aside)
     for stale in (path, path.with_name(path.name + NEW_SUFFIX)):
@@ -236,7 +249,6 @@ class Counts:
     received: int = 0
     live: int = 0
     history: int = 0
-    oldest_queued_ts: int | None = None
 
     @property
     def queued(self) -> int:
@@ -254,31 +266,6 @@ def with_counts(ledger: dict[str, int], counts: Counts | None) -> dict[str, int]
     ledger["delivered_live"] += counts.live
     ledger["delivered_history"] += counts.history
     return ledger
-
-
-def counts(records: Iterable[Record]) -> dict[str, Counts]:
-    """Per device: received, delivered live and by history, the oldest still queued (for `status`)."""
-    queued: dict[int, InboxPoint] = {}
-    result: dict[str, Counts] = {}
-    for record in records:
-        for point in record.points:
-            queued[point.id] = point
-            result.setdefault(point.device, Counts()).received += 1
-        for ids, live in ((record.live, True), (record.history, False)):
-            for point_id in ids:
-                left = queued.pop(point_id, None)
-                if left is None:
-                    continue
-                entry = result[left.device]
-                if live:
-                    entry.live += 1
-                else:
-                    entry.history += 1
-    for point in queued.values():
-        entry = result[point.device]
-        if entry.oldest_queued_ts is None or point.ts_ms < entry.oldest_queued_ts:
-            entry.oldest_queued_ts = point.ts_ms
-    return result
 
 
 class InboxFile:

@@ -57,10 +57,9 @@ def _inbox_generation(db: sqlite3.Connection) -> int:
     return inboxes.generation_of(row[0] if row else None)
 
 
-def _with_inbox(
-    db: sqlite3.Connection, read: Callable[[sqlite3.Connection], _T]
-) -> tuple[_T, dict[str, inboxes.Counts]]:
-    """`read` of SQLite, and what the daemon's inbox (store/inbox.py) counts beside it, from one generation."""
+def _with_inbox(db: sqlite3.Connection, read: Callable[[sqlite3.Connection], _T]) -> tuple[_T, inboxes.Queue]:
+    """`read` of SQLite, and the daemon's inbox (store/inbox.py) beside it, from one generation, as the daemon
+    itself replays it."""
     files = [row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"]
     path = Path(files[0]) if files and files[0] else None
     for _ in range(INBOX_READ_ATTEMPTS):
@@ -72,12 +71,12 @@ def _with_inbox(
             raise wrap(exc, f"reading the inbox of {path}") from exc
         if _inbox_generation(db) == generation:
             break
-    return result, inboxes.counts(found[1].records) if found is not None else {}
+    return result, inboxes.Queue.replayed(found[1], 0.0) if found is not None else inboxes.Queue()
 
 
 def inbox(db: sqlite3.Connection) -> dict[str, inboxes.Counts]:
     """What the daemon's inbox counts per device beside SQLite's ledger (its queued points are in no table)."""
-    return _with_inbox(db, lambda _: None)[1]
+    return _with_inbox(db, lambda _: None)[1].counts
 
 
 def devices(db: sqlite3.Connection, now_s: float) -> dict[str, DeviceRow]:
@@ -88,11 +87,11 @@ def devices(db: sqlite3.Connection, now_s: float) -> dict[str, DeviceRow]:
     ledgers = {int(row[0]): counting.ledger_row(tuple(row)) for row in rows}
     names = db.execute("SELECT name, id FROM devices").fetchall()
     known = {str(name) for name, _ in names}
-    names += [(name, -1) for name in inboxed if name not in known]  # only in the inbox yet
+    names += [(name, -1) for name in inboxed.counts if name not in known]  # only in the inbox yet
     for name, device_id in names:
-        extra = inboxed.get(str(name))
+        extra = inboxed.counts.get(str(name))
         counts = inboxes.with_counts(ledgers.get(int(device_id), dict.fromkeys(LEDGER_FIELDS, 0)), extra)
-        oldest = [ts for ts in (oldest_ts(db, device_id), extra and extra.oldest_queued_ts) if ts]
+        oldest = [ts for ts in (oldest_ts(db, device_id), inboxed.oldest_ts(str(name))) if ts is not None]
         budget = db.execute(
             "SELECT day, points_day, month, messages_month FROM budget WHERE device_id = ?", (device_id,)
         ).fetchone()
@@ -153,7 +152,7 @@ def ledger_total(db: sqlite3.Connection) -> dict[str, int]:
     for row in rows:
         for field, value in counting.ledger_row(tuple(row)).items():
             total[field] += value
-    for counts in inboxed.values():
+    for counts in inboxed.counts.values():
         total = inboxes.with_counts(total, counts)
     return total
 
