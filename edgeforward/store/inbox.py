@@ -26,7 +26,6 @@ damaged one in the middle (counted and logged); a record is acknowledged only af
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import errno
@@ -35,6 +34,7 @@ import json
 import os
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,7 +414,7 @@ class Queue:
     def __init__(self, next_seq: int = 0) -> None:
         self.points: dict[int, InboxPoint] = {}  # queued, by id, in commit order
         self._by_pin: dict[tuple[str, int], dict[int, InboxPoint]] = {}
-        self._committed: dict[int, float] = {}  # first id of each commit still queued -> monotonic s of the commit
+        self._committed: deque[tuple[int, float]] = deque()  # (first id, monotonic s) of commits still queued
         self.counts: dict[str, Counts] = {}  # since this generation began: the ledger beside SQLite's
         self.resend: list[ResendKey] = []  # keys in this generation's records (SQLite has them after a settle)
         self.unwritten: list[tuple[int, bool]] = []  # deliveries (id, live) not yet in the file
@@ -449,7 +449,7 @@ class Queue:
     def take(self, points: Sequence[InboxPoint], now_s: float) -> None:
         if not points:
             return
-        self._committed[points[0].id] = now_s
+        self._committed.append((points[0].id, now_s))
         for point in points:
             self.points[point.id] = point
             self._by_pin.setdefault((point.device, point.pin), {})[point.id] = point
@@ -492,11 +492,10 @@ class Queue:
             self._committed.clear()
             return None
         oldest = next(iter(self.points))  # ids grow in commit order, and the dict keeps that order
-        firsts = list(self._committed)
-        index = bisect.bisect_right(firsts, oldest) - 1
-        for first in firsts[: max(index, 0)]:
-            del self._committed[first]  # commits whose points have all left
-        return self._committed[firsts[index]] if index >= 0 else None
+        committed = self._committed
+        while len(committed) > 1 and committed[1][0] <= oldest:
+            committed.popleft()  # a commit whose points have all left
+        return committed[0][1] if committed and committed[0][0] <= oldest else None
 
     def carried(self) -> Record:
         """The queued points, as the one record a new generation starts with."""
@@ -511,7 +510,8 @@ class Queue:
             self.moved.update(folded)
             while len(self.moved) > MOVED_REMEMBERED:
                 del self.moved[next(iter(self.moved))]
-            self.points, self._by_pin, self._committed = {}, {}, {}
+            self.points, self._by_pin = {}, {}
+            self._committed.clear()
         else:
             for point in self.points.values():  # carried: received in the new generation
                 self.counts.setdefault(point.device, Counts()).received += 1
